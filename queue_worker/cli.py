@@ -1,0 +1,154 @@
+"""``queue-worker``: run the service, the demo, or operator commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from queue_worker import __version__
+from queue_worker.config import ENVIRONMENT, Settings
+from queue_worker.errors import ConfigError, QueueWorkerError
+from queue_worker.logs import configure_logging
+
+
+def _environment_help() -> str:
+    width = max(len(name) for name, _, _ in ENVIRONMENT)
+    rows = [
+        f"  {name:<{width}}  {meaning} (default: {default})"
+        for name, default, meaning in ENVIRONMENT
+    ]
+    return "environment variables:\n" + "\n".join(rows)
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if args.port is not None:
+        settings = settings.with_(port=args.port)
+    if args.host is not None:
+        settings = settings.with_(host=args.host)
+    configure_logging(settings.log_level, settings.log_format)
+    from queue_worker.http.app import create_app
+
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_s + 5,
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    configure_logging("ERROR", "console")
+    from queue_worker.devstack import demo
+
+    return demo.main(args.tasks, args.latency_ms, args.capacity)
+
+
+async def _audit(settings: Settings, eval_id: str, as_json: bool) -> int:
+    from queue_worker.streams.audit import format_history, history, history_json
+    from queue_worker.streams.keys import Keys
+    from queue_worker.streams.store import EventStore
+
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        store = EventStore(redis, Keys(settings.stream_prefix), settings.worker_id)
+        entries = await history(store, eval_id)
+    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+        raise QueueWorkerError(
+            f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
+        ) from exc
+    finally:
+        await redis.aclose()
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(history_json(entries)).decode() + "\n")
+    else:
+        print(format_history(eval_id, entries))
+    return 0 if entries else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    return asyncio.run(_audit(_settings(), args.eval_id, args.json))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="queue-worker",
+        description="Event-sourced task router: pulls evaluation tasks from the Queue Service, "
+        "routes them to healthy executors and records every state change in a Redis Stream.",
+        epilog=_environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the worker service (configured by environment variables)",
+        description="Run the worker: the router, its projectors and the HTTP API "
+        "(/health, /status, /docs).",
+        epilog=_environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--port", type=int, help="HTTP API port; wins over PORT")
+    run.add_argument("--host", help="HTTP API address; wins over HOST")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole stack locally (own Redis, reference queue, 3 executors) "
+        "and route sample tasks",
+        description="Start a private redis-server, the reference queue, three simulated "
+        "executors and the worker on loopback; enqueue sample tasks, show progress, then "
+        "print a summary and the event history of two evaluations.",
+    )
+    demo.add_argument("--tasks", type=int, default=30, help="tasks to enqueue (default: 30)")
+    demo.add_argument(
+        "--latency-ms", type=float, default=200.0, help="simulated execution time (default: 200)"
+    )
+    demo.add_argument(
+        "--capacity", type=int, default=2, help="concurrent tasks per executor (default: 2)"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    audit = sub.add_parser(
+        "audit",
+        help="print one evaluation's history from the stream",
+        description="Print every stream event of one evaluation, oldest first, with the time "
+        "between steps. Reads REDIS_URL and STREAM_PREFIX. Exits 1 when there is none.",
+    )
+    audit.add_argument("eval_id", metavar="EVAL_ID")
+    audit.add_argument("--json", action="store_true", help="print the entries as JSON")
+    audit.set_defaults(func=cmd_audit)
+
+    from queue_worker.devstack.cli import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"queue-worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except QueueWorkerError as exc:
+        print(f"queue-worker: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,1 @@
+"""Reference Queue Service and simulated executors for the demo, tests and benchmarks."""

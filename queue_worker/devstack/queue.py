@@ -1,0 +1,242 @@
+"""Reference Queue Service: an in-memory priority queue behind the queue worker's HTTP contract."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+TaskStatus = Literal["queued", "running", "completed", "failed"]
+T = TypeVar("T")
+
+_Positive = msgspec.Meta(gt=0)
+
+
+class NewTask(msgspec.Struct):
+    """Body of ``POST /tasks``; only ``eval_id`` and ``code`` are required."""
+
+    eval_id: Annotated[str, msgspec.Meta(min_length=1)]
+    code: str
+    language: str = "python"
+    engine: str = "docker"
+    timeout: Annotated[int, _Positive] | Annotated[float, _Positive] = 30
+    priority: int = 0
+
+
+class CompleteBody(msgspec.Struct):
+    """Body of ``POST /tasks/{eval_id}/complete``."""
+
+    output: Any
+
+
+class FailBody(msgspec.Struct):
+    """Body of ``POST /tasks/{eval_id}/fail``."""
+
+    error: str
+
+
+@dataclass
+class Task:
+    """One task and everything the queue observed about it."""
+
+    eval_id: str
+    code: str
+    language: str
+    engine: str
+    timeout: float
+    priority: int
+    status: TaskStatus = "queued"
+    output: Any = None
+    error: str | None = None
+    complete_calls: int = 0
+    fail_calls: int = 0
+    pulls: int = 0
+
+    def payload(self) -> dict[str, Any]:
+        """What ``GET /tasks/next`` hands to a worker."""
+        return {
+            "eval_id": self.eval_id,
+            "code": self.code,
+            "language": self.language,
+            "engine": self.engine,
+            "timeout": self.timeout,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What ``GET /tasks/{eval_id}`` shows to tests."""
+        return {
+            "eval_id": self.eval_id,
+            "status": self.status,
+            "output": self.output,
+            "error": self.error,
+            "complete_calls": self.complete_calls,
+            "fail_calls": self.fail_calls,
+            "pulls": self.pulls,
+        }
+
+
+class QueueState:
+    """In-memory queue: highest priority first, FIFO within a priority."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.injected: deque[bytes] = deque()
+        self.duplicate_reports = 0
+        self._heap: list[tuple[int, int, str]] = []
+        self._seq = itertools.count()
+
+    def enqueue(self, new: NewTask) -> Task:
+        """Queue a new task; raises ``KeyError`` if the eval_id is already known."""
+        if new.eval_id in self.tasks:
+            raise KeyError(new.eval_id)
+        task = Task(new.eval_id, new.code, new.language, new.engine, new.timeout, new.priority)
+        self.tasks[task.eval_id] = task
+        heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
+        return task
+
+    def pull(self) -> Task | None:
+        """Mark the next queued task running and return it (``None`` when empty)."""
+        while self._heap:
+            task = self.tasks[heapq.heappop(self._heap)[2]]
+            if task.status == "queued":  # a queued task may have been failed meanwhile
+                task.status = "running"
+                task.pulls += 1
+                return task
+        return None
+
+    def complete(self, eval_id: str, output: Any) -> bool:
+        """Record a result; ``False`` when the task is unknown or not running."""
+        task = self.tasks.get(eval_id)
+        if task is not None:
+            task.complete_calls += 1
+        if task is None or task.status != "running":
+            self.duplicate_reports += 1
+            return False
+        task.status, task.output = "completed", output
+        return True
+
+    def fail(self, eval_id: str, error: str) -> bool:
+        """Record a failure of a running (or still queued) task; ``False`` otherwise."""
+        task = self.tasks.get(eval_id)
+        if task is not None:
+            task.fail_calls += 1
+        if task is None or task.status != "running":
+            self.duplicate_reports += 1
+        if task is None or task.status not in ("running", "queued"):
+            return False
+        task.status, task.error = "failed", error
+        return True
+
+    def stats(self) -> dict[str, int]:
+        """Counts per status plus ``total`` and ``duplicate_reports``."""
+        counts = dict.fromkeys(("queued", "running", "completed", "failed"), 0)
+        for task in self.tasks.values():
+            counts[task.status] += 1
+        return {**counts, "total": len(self.tasks), "duplicate_reports": self.duplicate_reports}
+
+
+QUEUE_STATE = web.AppKey("queue_state", QueueState)
+QUEUE_API_KEY = web.AppKey("queue_api_key", str)
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(obj), status=status, content_type="application/json"
+    )
+
+
+def _error(status: int, detail: str) -> web.Response:
+    return _json({"detail": detail}, status)
+
+
+async def _decode(request: web.Request, kind: type[T]) -> T | web.Response:
+    try:
+        return msgspec.json.decode(await request.read(), type=kind)
+    except msgspec.DecodeError as exc:
+        return _error(400, f"Invalid request body: {exc}")
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app.get(QUEUE_API_KEY)
+    guarded = key is not None and request.path.startswith("/tasks")
+    if guarded and request.headers.get("X-API-Key") != key:
+        return _error(401, "Invalid API key")
+    return await handler(request)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return _json({"status": "healthy"})
+
+
+async def _next(request: web.Request) -> web.Response:
+    state = request.app[QUEUE_STATE]
+    if state.injected:
+        return web.Response(body=state.injected.popleft(), content_type="application/json")
+    task = state.pull()
+    return _json(None if task is None else task.payload())
+
+
+async def _create(request: web.Request) -> web.Response:
+    new = await _decode(request, NewTask)
+    if isinstance(new, web.Response):
+        return new
+    try:
+        request.app[QUEUE_STATE].enqueue(new)
+    except KeyError:
+        return _error(409, f"Task {new.eval_id} already exists")
+    return _json({"eval_id": new.eval_id, "status": "queued"})
+
+
+async def _get(request: web.Request) -> web.Response:
+    task = request.app[QUEUE_STATE].tasks.get(request.match_info["eval_id"])
+    return _error(404, "Task not found") if task is None else _json(task.record())
+
+
+async def _complete(request: web.Request) -> web.Response:
+    body = await _decode(request, CompleteBody)
+    if isinstance(body, web.Response):
+        return body
+    if request.app[QUEUE_STATE].complete(request.match_info["eval_id"], body.output):
+        return _json({"status": "completed"})
+    return _error(404, "Task not found")
+
+
+async def _fail(request: web.Request) -> web.Response:
+    body = await _decode(request, FailBody)
+    if isinstance(body, web.Response):
+        return body
+    ok = request.app[QUEUE_STATE].fail(request.match_info["eval_id"], body.error)
+    return _json({"status": "failed" if ok else "not_found"})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return _json(request.app[QUEUE_STATE].stats())
+
+
+async def _inject(request: web.Request) -> web.Response:
+    request.app[QUEUE_STATE].injected.append(await request.read())
+    return _json({"status": "injected"})
+
+
+def create_queue_app(*, api_key: str | None = None) -> web.Application:
+    """The Queue Service; with ``api_key`` every ``/tasks*`` call needs ``X-API-Key``."""
+    app = web.Application(middlewares=[_auth])
+    app[QUEUE_STATE] = QueueState()
+    if api_key is not None:
+        app[QUEUE_API_KEY] = api_key
+    app.router.add_get("/health", _health)
+    app.router.add_get("/stats", _stats)
+    app.router.add_post("/_inject", _inject)
+    app.router.add_get("/tasks/next", _next)
+    app.router.add_post("/tasks", _create)
+    app.router.add_get("/tasks/{eval_id}", _get)
+    app.router.add_post("/tasks/{eval_id}/complete", _complete)
+    app.router.add_post("/tasks/{eval_id}/fail", _fail)
+    return app

@@ -1,0 +1,185 @@
+"""The aiohttp application: one ``cleanup_ctx`` per resource, state under AppKeys.
+
+Start order: Redis, HTTP client session, event store, status projector (it
+replays the stream before the app serves), publisher, reporter, router.
+Each is stopped in reverse order, cancelled and awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from queue_worker.config import Settings
+from queue_worker.errors import QueueWorkerError
+from queue_worker.http import handlers
+from queue_worker.http.state import (
+    LOOPS,
+    PUBLISHER,
+    REDIS,
+    REPORTER,
+    ROUTER,
+    SESSION,
+    SETTINGS,
+    STARTED,
+    STATUS,
+    STORE,
+)
+from queue_worker.openapi import routes as openapi_routes
+from queue_worker.router.queue_client import QueueClient
+from queue_worker.router.reporter import Reporter
+from queue_worker.router.worker import Router
+from queue_worker.streams.keys import Keys
+from queue_worker.streams.projector import TailProjector
+from queue_worker.streams.publisher import Publisher
+from queue_worker.streams.store import EventStore
+
+log = structlog.get_logger(__name__)
+
+
+class RedisUnavailable(QueueWorkerError):
+    """Redis could not be reached at start-up."""
+
+
+async def connect_redis(settings: Settings, attempts: int = 5) -> aioredis.Redis:
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            await client.ping()  # type: ignore[misc]
+            return client
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            if attempt == attempts:
+                await client.aclose()
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
+                ) from exc
+            log.warning("redis_unreachable", attempt=attempt, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _start_loop(app: web.Application, name: str, coro: Coroutine[Any, Any, None]) -> None:
+    async def supervised() -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("loop_died", loop=name)
+            raise
+
+    app[LOOPS][name] = asyncio.create_task(supervised(), name=name)
+
+
+async def _stop_loop(app: web.Application, name: str) -> None:
+    task = app[LOOPS].pop(name, None)
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[REDIS] = await connect_redis(app[SETTINGS])
+    yield
+    await app[REDIS].aclose()
+
+
+async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30)
+    app[SESSION] = aiohttp.ClientSession(connector=connector)
+    yield
+    await app[SESSION].close()
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = EventStore(app[REDIS], Keys(settings.stream_prefix), settings.worker_id)
+    await store.start()
+    app[STORE] = store
+    yield
+    await store.stop()
+
+
+async def status_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    projector = TailProjector(app[STORE], block_ms=settings.projector_block_ms)
+    await projector.replay()
+    app[STATUS] = projector
+    _start_loop(app, "status", projector.run())
+    yield
+    await _stop_loop(app, "status")
+
+
+async def projectors_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store, keys = app[STORE], app[STORE].keys
+    options = {"block_ms": settings.projector_block_ms, "batch": settings.projector_batch}
+    app[PUBLISHER] = Publisher(store, keys.publisher_group, settings.worker_id, **options)
+    queue = QueueClient(
+        app[SESSION],
+        settings.queue_service_url,
+        api_key=settings.queue_api_key,
+        timeout_s=settings.queue_timeout_s,
+    )
+    app[REPORTER] = Reporter(
+        store,
+        keys.reporter_group,
+        settings.worker_id,
+        queue,
+        backoff_max_s=settings.report_backoff_max_s,
+        **options,
+    )
+    _start_loop(app, "publisher", app[PUBLISHER].run())
+    _start_loop(app, "reporter", app[REPORTER].run())
+    yield
+    await _stop_loop(app, "reporter")
+    await _stop_loop(app, "publisher")
+
+
+async def router_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    router = Router(settings, app[STORE], app[SESSION])
+    app[ROUTER] = router
+    _start_loop(app, "router", router.run())
+    yield
+    await _stop_loop(app, "router")
+    await router.drain(settings.shutdown_grace_s)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error of our own API is JSON with a proper status, never an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return handlers.error_response(exc.status, exc.reason, exc.text)
+    except (aioredis.RedisError, OSError) as exc:
+        log.warning("request_redis_error", path=request.path, error=str(exc))
+        return handlers.error_response(503, "Service Unavailable", "Redis is unreachable")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The worker as an aiohttp application; nothing starts until it runs."""
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[LOOPS] = {}
+    app[STARTED] = time.monotonic()
+    app.cleanup_ctx.extend(
+        [redis_ctx, session_ctx, store_ctx, status_ctx, projectors_ctx, router_ctx]
+    )
+    handlers.register(app)
+    openapi_routes.register(app)
+    return app

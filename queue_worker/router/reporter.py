@@ -1,0 +1,86 @@
+"""The reporter projector: terminal events become reports to the Queue Service.
+
+At-least-once: a batch is reported (concurrently), then ``task.reported``
+is appended for each, then the batch is acknowledged. A crash in between
+reports again; the queue's ``404`` on ``/complete`` and ``not_found`` on
+``/fail`` make that idempotent (``task.reported`` with ``already``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from queue_worker.router.queue_client import QueueClient, ReportRefused
+from queue_worker.streams import events as ev
+from queue_worker.streams.projector import Batch, GroupProjector
+from queue_worker.streams.store import EventStore
+
+log = structlog.get_logger(__name__)
+
+
+class Reporter(GroupProjector):
+    name = "reporter"
+
+    def __init__(
+        self,
+        store: EventStore,
+        group: str,
+        consumer: str,
+        queue: QueueClient,
+        *,
+        backoff_max_s: float = 30.0,
+        **kwargs: int,
+    ) -> None:
+        super().__init__(store, group, consumer, **kwargs)
+        self.queue = queue
+        self.backoff_max_s = backoff_max_s
+        self.reported = 0
+        self.report_errors = 0
+
+    async def _report_once(self, event: ev.Event) -> ev.TaskReported | None:
+        match event:
+            case ev.TaskCompleted():
+                status, already = await self.queue.complete(event.eval_id, event.result)
+                return ev.TaskReported(
+                    eval_id=event.eval_id, outcome="completed", http_status=status, already=already
+                )
+            case ev.TaskFailed():
+                status, already = await self.queue.fail(event.eval_id, event.error)
+                return ev.TaskReported(
+                    eval_id=event.eval_id, outcome="failed", http_status=status, already=already
+                )
+            case ev.TaskRejected(eval_id=str(eval_id)):
+                error = f"invalid task payload: {event.reason}"
+                status, already = await self.queue.fail(eval_id, error)
+                return ev.TaskReported(
+                    eval_id=eval_id, outcome="failed", http_status=status, already=already
+                )
+        return None
+
+    async def _report(self, event: ev.Event) -> ev.TaskReported | None:
+        delay = 0.2
+        while True:
+            try:
+                return await self._report_once(event)
+            except ReportRefused as exc:
+                self.report_errors += 1
+                log.warning(
+                    "report_failed",
+                    eval_id=event.eval_id_or_empty,
+                    error=str(exc),
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+
+    async def handle(self, batch: Batch) -> None:
+        reports = await asyncio.gather(
+            *(self._report(entry.event) for _, entry in batch if entry is not None)
+        )
+        done = [r for r in reports if r is not None]
+        if done:
+            await self.store.append(*done)
+            self.reported += len(done)
+        await self.ack([entry_id for entry_id, _ in batch])

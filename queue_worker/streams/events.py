@@ -1,0 +1,226 @@
+"""The event catalogue: frozen, tagged, versioned msgspec Structs. No I/O here.
+
+Every state change of the worker is one of these, appended to the stream
+``{<prefix>}:events`` as flat fields ``type``, ``eval_id``, ``worker_id``,
+``ts`` (ms) and ``data`` (the msgspec JSON encoding, which repeats ``type``).
+Names are past tense; ``v`` is the schema version of that event type.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+Outcome = Literal["completed", "failed"]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every stream event."""
+
+    v: int = 1
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+    @property
+    def eval_id_or_empty(self) -> str:
+        return str(getattr(self, "eval_id", None) or "")
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    """A task as the Queue Service hands it out (``GET /tasks/next``)."""
+
+    eval_id: str
+    code: str
+    language: str = "python"
+    engine: str = "docker"
+    timeout: float | None = None
+    priority: int | None = None
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One executor as the balancer saw it when it chose."""
+
+    executor: str
+    healthy: bool
+    in_flight: int
+    capacity: int
+
+
+# --- lifecycle -------------------------------------------------------------
+
+
+class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
+    version: str
+    executors: list[str]
+    strategy: str
+    capacity: int
+
+
+class WorkerStopped(Event, frozen=True, kw_only=True, tag="worker.stopped"):
+    reason: str
+    in_flight: int
+
+
+# --- pulling ---------------------------------------------------------------
+
+
+class PullStarted(Event, frozen=True, kw_only=True, tag="pull.started"):
+    """The worker is about to ask the queue for tasks under ``pull_id``.
+
+    Empty polls do not close a pull; ``task.pulled`` or ``task.rejected``
+    with the same ``pull_id`` does.
+    """
+
+    pull_id: str
+
+
+class TaskPulled(Event, frozen=True, kw_only=True, tag="task.pulled"):
+    """The queue handed us a task (it is now "running" there). Holds the task,
+    so a recovery can dispatch it again."""
+
+    eval_id: str
+    pull_id: str
+    task: Task
+    code_bytes: int
+
+
+class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
+    """The queue's answer was not a valid task. ``eval_id`` is set when one was usable."""
+
+    pull_id: str
+    eval_id: str | None = None
+    reason: str
+    excerpt: str
+
+
+class QueueUnreachable(Event, frozen=True, kw_only=True, tag="queue.unreachable"):
+    consecutive_errors: int
+    backoff_s: float
+    reason: str
+
+
+class QueueRecovered(Event, frozen=True, kw_only=True, tag="queue.recovered"):
+    after_errors: int
+
+
+# --- routing and execution -------------------------------------------------
+
+
+class ExecutorSelected(Event, frozen=True, kw_only=True, tag="executor.selected"):
+    eval_id: str
+    executor: str
+    strategy: str
+    attempt: int
+    candidates: list[Candidate]
+
+
+class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
+    eval_id: str
+    executor: str
+    attempt: int
+    timeout_s: float
+
+
+class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
+    """The executor answered ``status: completed``; ``result`` is its answer."""
+
+    eval_id: str
+    executor: str
+    attempt: int
+    result: dict[str, Any]
+    duration_ms: float
+
+
+class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
+    """Terminal failure. ``reason`` is a stable code, ``error`` the text sent on."""
+
+    eval_id: str
+    executor: str | None = None
+    attempt: int
+    reason: str
+    error: str
+    result: dict[str, Any] | None = None
+    duration_ms: float = 0.0
+
+
+class TaskReported(Event, frozen=True, kw_only=True, tag="task.reported"):
+    """The queue acknowledged the outcome (``already`` when it knew it before)."""
+
+    eval_id: str
+    outcome: Outcome
+    http_status: int
+    already: bool = False
+
+
+class ExecutorHealthChanged(Event, frozen=True, kw_only=True, tag="executor.health_changed"):
+    """An executor flipped between healthy and unhealthy (only flips are appended)."""
+
+    executor: str
+    healthy: bool
+    reason: str
+    latency_ms: float | None = None
+
+
+AnyEvent = (
+    WorkerStarted
+    | WorkerStopped
+    | PullStarted
+    | TaskPulled
+    | TaskRejected
+    | QueueUnreachable
+    | QueueRecovered
+    | ExecutorSelected
+    | TaskDispatched
+    | TaskCompleted
+    | TaskFailed
+    | TaskReported
+    | ExecutorHealthChanged
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    WorkerStarted,
+    WorkerStopped,
+    PullStarted,
+    TaskPulled,
+    TaskRejected,
+    QueueUnreachable,
+    QueueRecovered,
+    ExecutorSelected,
+    TaskDispatched,
+    TaskCompleted,
+    TaskFailed,
+    TaskReported,
+    ExecutorHealthChanged,
+)
+
+TERMINAL_TYPES = frozenset({"task.completed", "task.failed"})
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One stream entry: its id, who wrote it, when, and the event."""
+
+    id: str
+    worker_id: str
+    ts: int
+    event: AnyEvent
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> AnyEvent:
+    """Decode an event's ``data`` field; raises ``msgspec.DecodeError`` on anything else."""
+    event: AnyEvent = _decoder.decode(data)
+    return event
+
+
+def event_type_names() -> list[str]:
+    return [str(cls.__struct_config__.tag) for cls in EVENT_TYPES]

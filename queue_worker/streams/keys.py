@@ -1,0 +1,24 @@
+"""Every Redis key and group name of a deployment comes from here.
+
+Keys carry the hash tag ``{<prefix>}`` so that all of a deployment's keys
+land on one Redis Cluster shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COMPLETED_CHANNEL = "evaluation:completed"
+FAILED_CHANNEL = "evaluation:failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "queue-worker"
+
+    @property
+    def events(self) -> str:
+        return f"{{{self.prefix}}}:events"
+
+    publisher_group: str = "publisher"
+    reporter_group: str = "reporter"

@@ -1,0 +1,189 @@
+"""Projector runners: read the stream, fold or act, checkpoint.
+
+* :class:`TailProjector` folds every entry into an in-process view with
+  ``XREAD`` (each process has its own; it starts by replaying the stream).
+* :class:`GroupProjector` reads through a consumer group with
+  ``XREADGROUP``; its ``handle`` performs the side effect and acknowledges.
+  On start it first re-reads its own pending entries (a crash left them
+  unacknowledged), and it periodically takes over entries that another,
+  dead consumer left pending for longer than ``claim_idle_ms`` (``XAUTOCLAIM``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+import structlog
+
+from queue_worker.streams.events import Entry
+from queue_worker.streams.store import EventStore, RawEntry, parse_entry
+from queue_worker.streams.views import StatusView, apply
+
+log = structlog.get_logger(__name__)
+
+Batch = list[tuple[str, Entry | None]]
+
+
+class TailProjector:
+    """Keeps ``view`` folded up to the stream's last entry."""
+
+    def __init__(self, store: EventStore, *, block_ms: int = 1000, batch: int = 1000) -> None:
+        self.store = store
+        self.view = StatusView()
+        self.block_ms = block_ms
+        self.batch = batch
+        self.replayed = asyncio.Event()
+        self.replay_seconds = 0.0
+        self.replay_events = 0
+        self._changed = asyncio.Condition()
+
+    async def replay(self) -> None:
+        started = time.perf_counter()
+        async for entry in self.store.read_range(batch=self.batch):
+            apply(self.view, entry)
+        self.replay_seconds = time.perf_counter() - started
+        self.replay_events = self.view.events
+        self.replayed.set()
+        log.info("status_replayed", events=self.view.events, seconds=round(self.replay_seconds, 3))
+
+    async def run(self) -> None:
+        if not self.replayed.is_set():
+            await self.replay()
+        redis = self.store.redis
+        while True:
+            last = self.view.last_id or "0-0"
+            try:
+                resp = await redis.xread(
+                    {self.store.keys.events: last}, count=self.batch, block=self.block_ms
+                )
+            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("status_projector_redis_error", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            if not resp:
+                continue
+            for _stream, raws in resp:
+                for raw in raws:
+                    entry = parse_entry(raw)
+                    if entry is not None:
+                        apply(self.view, entry)
+                    else:
+                        self.view.last_id = raw[0].decode()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[StatusView], bool], timeout_s: float) -> None:
+        """Wait until ``predicate(view)`` holds (for tests and the demo)."""
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.view))
+
+
+class GroupProjector(ABC):
+    """A consumer-group reader whose ``handle`` performs an effect and acknowledges."""
+
+    name: str = "projector"
+
+    def __init__(
+        self,
+        store: EventStore,
+        group: str,
+        consumer: str,
+        *,
+        block_ms: int = 1000,
+        batch: int = 256,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.stream = store.keys.events
+        self.group = group
+        self.consumer = consumer
+        self.block_ms = block_ms
+        self.batch = batch
+        self.claim_idle_ms = claim_idle_ms
+        self.handled = 0
+        self.last_handled_id: str | None = None
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except aioredis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @abstractmethod
+    async def handle(self, batch: Batch) -> None:
+        """Perform the effect for ``batch`` and ``XACK`` every id in it."""
+
+    async def ack(self, ids: list[str]) -> None:
+        if ids:
+            await self.redis.xack(self.stream, self.group, *ids)
+
+    async def _dispatch(self, raws: list[RawEntry]) -> None:
+        if not raws:
+            return
+        batch: Batch = [(raw[0].decode(), parse_entry(raw)) for raw in raws]
+        await self.handle(batch)
+        self.handled += len(batch)
+        self.last_handled_id = batch[-1][0]
+
+    async def _read(self, start: str, block: int | None) -> list[RawEntry]:
+        resp = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=self.batch, block=block
+        )
+        if not resp:
+            return []
+        raws: list[RawEntry] = resp[0][1]
+        # Pending entries that were trimmed away come back as (id, None/{}).
+        dead = [r[0].decode() for r in raws if not r[1]]
+        await self.ack(dead)
+        return [r for r in raws if r[1]]
+
+    async def _drain_own_pending(self) -> None:
+        while True:
+            raws = await self._read("0", None)
+            if not raws:
+                return
+            await self._dispatch(raws)
+
+    async def _claim_abandoned(self) -> None:
+        cursor = "0-0"
+        while True:
+            resp = await self.redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                min_idle_time=self.claim_idle_ms,
+                start_id=cursor,
+                count=self.batch,
+            )
+            cursor_raw, raws = resp[0], resp[1]
+            live = [r for r in raws if r and r[1]]
+            if live:
+                log.info("pending_claimed", projector=self.name, entries=len(live))
+                await self._dispatch(live)
+            cursor = cursor_raw.decode() if isinstance(cursor_raw, bytes) else str(cursor_raw)
+            if cursor == "0-0":
+                return
+
+    async def run(self) -> None:
+        await self.ensure_group()
+        next_claim = 0.0
+        recovered = False
+        while True:
+            try:
+                if not recovered:
+                    await self._drain_own_pending()
+                    recovered = True
+                if time.monotonic() >= next_claim:
+                    await self._claim_abandoned()
+                    next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                await self._dispatch(await self._read(">", self.block_ms))
+            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                log.warning("projector_redis_error", projector=self.name, error=str(exc))
+                recovered = False
+                await asyncio.sleep(1.0)

@@ -1,0 +1,167 @@
+"""Views folded from the stream.
+
+``apply(view, entry)`` is the fold step: deterministic, no I/O and no clock
+(times come from the entries). For replay speed it updates the view it is
+given and returns it; folding the same entries into a fresh view always gives
+the same result, which is what ``/status`` relies on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import msgspec
+
+from queue_worker.streams import events as ev
+from queue_worker.streams.events import Entry
+
+ROUTED_WINDOW_MS = 60_000
+
+
+class Counters(msgspec.Struct):
+    pulled: int = 0
+    rejected: int = 0
+    routed: int = 0
+    completed: int = 0
+    failed: int = 0
+    reported: int = 0
+    queue_errors: int = 0
+
+
+class WorkerView(msgspec.Struct):
+    started_ts: int | None = None
+    stopped_ts: int | None = None
+    version: str | None = None
+    running: bool = False
+    counters: Counters = msgspec.field(default_factory=Counters)
+    open_pull: str | None = None
+    queue_reachable: bool = True
+    queue_consecutive_errors: int = 0
+
+
+class ExecutorView(msgspec.Struct):
+    healthy: bool | None = None
+    health_changed_ts: int | None = None
+    health_reason: str | None = None
+    routed: int = 0
+    completed: int = 0
+    failed: int = 0
+    in_flight: int = 0
+
+
+class TaskView(msgspec.Struct):
+    """A task that has been pulled and has not reached a terminal event."""
+
+    worker_id: str
+    pulled_ts: int
+    stage: str = "pulled"
+    executor: str | None = None
+    attempt: int = 0
+
+
+class StatusView(msgspec.Struct):
+    last_id: str | None = None
+    events: int = 0
+    by_type: dict[str, int] = msgspec.field(default_factory=dict)
+    workers: dict[str, WorkerView] = msgspec.field(default_factory=dict)
+    executors: dict[str, ExecutorView] = msgspec.field(default_factory=dict)
+    in_flight: dict[str, TaskView] = msgspec.field(default_factory=dict)
+    unreported: dict[str, str] = msgspec.field(default_factory=dict)
+    routed_ts: deque[int] = msgspec.field(default_factory=deque)
+
+    def routed_since(self, since_ms: int) -> int:
+        return sum(1 for ts in self.routed_ts if ts >= since_ms)
+
+
+def _worker(view: StatusView, worker_id: str) -> WorkerView:
+    w = view.workers.get(worker_id)
+    if w is None:
+        w = view.workers[worker_id] = WorkerView()
+    return w
+
+
+def _executor(view: StatusView, url: str) -> ExecutorView:
+    x = view.executors.get(url)
+    if x is None:
+        x = view.executors[url] = ExecutorView()
+    return x
+
+
+def _finish(view: StatusView, eval_id: str, outcome: str) -> None:
+    task = view.in_flight.pop(eval_id, None)
+    if task is not None and task.executor is not None and task.stage == "dispatched":
+        _executor(view, task.executor).in_flight -= 1
+    view.unreported[eval_id] = outcome
+
+
+def apply(view: StatusView, entry: Entry) -> StatusView:
+    """Fold one entry into ``view`` and return it."""
+    e = entry.event
+    view.last_id = entry.id
+    view.events += 1
+    view.by_type[e.type] = view.by_type.get(e.type, 0) + 1
+    w = _worker(view, entry.worker_id)
+    c = w.counters
+    match e:
+        case ev.WorkerStarted():
+            w.started_ts, w.stopped_ts, w.version, w.running = entry.ts, None, e.version, True
+            for url in e.executors:
+                _executor(view, url)
+        case ev.WorkerStopped():
+            w.stopped_ts, w.running = entry.ts, False
+        case ev.PullStarted():
+            w.open_pull = e.pull_id
+        case ev.TaskPulled():
+            c.pulled += 1
+            w.open_pull = None
+            view.in_flight[e.eval_id] = TaskView(worker_id=entry.worker_id, pulled_ts=entry.ts)
+        case ev.TaskRejected():
+            c.rejected += 1
+            w.open_pull = None
+            if e.eval_id is not None:
+                view.unreported[e.eval_id] = "failed"
+        case ev.QueueUnreachable():
+            c.queue_errors += 1
+            w.queue_reachable = False
+            w.queue_consecutive_errors = e.consecutive_errors
+        case ev.QueueRecovered():
+            w.queue_reachable = True
+            w.queue_consecutive_errors = 0
+        case ev.ExecutorSelected():
+            task = view.in_flight.get(e.eval_id)
+            if task is not None:
+                task.stage, task.executor, task.attempt = "selected", e.executor, e.attempt
+        case ev.TaskDispatched():
+            c.routed += 1
+            x = _executor(view, e.executor)
+            x.routed += 1
+            x.in_flight += 1
+            task = view.in_flight.get(e.eval_id)
+            if task is not None:
+                task.stage, task.executor, task.attempt = "dispatched", e.executor, e.attempt
+            view.routed_ts.append(entry.ts)
+            while view.routed_ts and view.routed_ts[0] < entry.ts - ROUTED_WINDOW_MS:
+                view.routed_ts.popleft()
+        case ev.TaskCompleted():
+            c.completed += 1
+            _executor(view, e.executor).completed += 1
+            _finish(view, e.eval_id, "completed")
+        case ev.TaskFailed():
+            c.failed += 1
+            if e.executor is not None:
+                _executor(view, e.executor).failed += 1
+            _finish(view, e.eval_id, "failed")
+        case ev.TaskReported():
+            c.reported += 1
+            view.unreported.pop(e.eval_id, None)
+        case ev.ExecutorHealthChanged():
+            x = _executor(view, e.executor)
+            x.healthy, x.health_changed_ts, x.health_reason = e.healthy, entry.ts, e.reason
+    return view
+
+
+def fold(entries: list[Entry], view: StatusView | None = None) -> StatusView:
+    view = StatusView() if view is None else view
+    for entry in entries:
+        apply(view, entry)
+    return view
