@@ -36,9 +36,7 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def stack_factory(
-    redis_url: str, prefix: str
-) -> AsyncIterator[Callable[..., Any]]:
+async def stack_factory(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
     stacks: list[Stack] = []
 
     async def factory(*, start_worker: bool = True, **options: Any) -> Stack:

@@ -7,7 +7,13 @@ from collections import Counter
 
 from tests.harness import Stack
 
-HAPPY_PATH = ["task.pulled", "executor.selected", "task.dispatched", "task.completed", "task.reported"]
+HAPPY_PATH = [
+    "task.pulled",
+    "executor.selected",
+    "task.dispatched",
+    "task.completed",
+    "task.reported",
+]
 
 
 async def test_200_tasks_each_routed_reported_and_published_once(stack_factory) -> None:
@@ -44,7 +50,9 @@ async def test_200_tasks_each_routed_reported_and_published_once(stack_factory) 
     for entry in entries:
         if entry.event.eval_id_or_empty:
             history.setdefault(entry.event.eval_id_or_empty, []).append(entry.event.type)
-    assert {eval_id: history[eval_id] for eval_id in ids} == {eval_id: HAPPY_PATH for eval_id in ids}
+    assert {eval_id: history[eval_id] for eval_id in ids} == {
+        eval_id: HAPPY_PATH for eval_id in ids
+    }
 
     # Work was spread over the three executors, each executing each task at most once.
     executed = [stack.executor_state(i).executed for i in range(3)]

@@ -35,7 +35,7 @@ NO_HEALTHY_EXECUTOR = "no_healthy_executor"
 
 def queue_backoff_s(consecutive_errors: int, step_s: float, max_s: float) -> float:
     """The seed's backoff: step, 2*step, 3*step ... capped at ``max_s``."""
-    return min(step_s * consecutive_errors, max_s)
+    return round(min(step_s * consecutive_errors, max_s), 3)
 
 
 class Router:

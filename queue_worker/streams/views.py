@@ -8,8 +8,6 @@ the same result, which is what ``/status`` relies on.
 
 from __future__ import annotations
 
-from collections import deque
-
 import msgspec
 
 from queue_worker.streams import events as ev
@@ -67,10 +65,12 @@ class StatusView(msgspec.Struct):
     executors: dict[str, ExecutorView] = msgspec.field(default_factory=dict)
     in_flight: dict[str, TaskView] = msgspec.field(default_factory=dict)
     unreported: dict[str, str] = msgspec.field(default_factory=dict)
-    routed_ts: deque[int] = msgspec.field(default_factory=deque)
+    routed_per_s: dict[int, int] = msgspec.field(default_factory=dict)
 
     def routed_since(self, since_ms: int) -> int:
-        return sum(1 for ts in self.routed_ts if ts >= since_ms)
+        """Tasks dispatched from ``since_ms`` on (to the second; the last minute is kept)."""
+        first = since_ms // 1000
+        return sum(n for second, n in self.routed_per_s.items() if second >= first)
 
 
 def _worker(view: StatusView, worker_id: str) -> WorkerView:
@@ -139,9 +139,12 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             task = view.in_flight.get(e.eval_id)
             if task is not None:
                 task.stage, task.executor, task.attempt = "dispatched", e.executor, e.attempt
-            view.routed_ts.append(entry.ts)
-            while view.routed_ts and view.routed_ts[0] < entry.ts - ROUTED_WINDOW_MS:
-                view.routed_ts.popleft()
+            second = entry.ts // 1000
+            if second not in view.routed_per_s:
+                horizon = (entry.ts - ROUTED_WINDOW_MS) // 1000
+                for old in [s for s in view.routed_per_s if s < horizon]:
+                    del view.routed_per_s[old]
+            view.routed_per_s[second] = view.routed_per_s.get(second, 0) + 1
         case ev.TaskCompleted():
             c.completed += 1
             _executor(view, e.executor).completed += 1

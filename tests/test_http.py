@@ -1,0 +1,104 @@
+"""The worker's own API: /health, /status, and errors that are JSON."""
+
+from __future__ import annotations
+
+import msgspec
+
+from queue_worker.streams.views import fold
+from tests.harness import Stack, eventually
+
+
+async def test_health_when_all_is_well(stack_factory) -> None:
+    stack: Stack = await stack_factory()
+    await eventually(lambda: _all_healthy(stack))
+    status, body = await stack.get_json("/health")
+    assert status == 200
+    assert body["status"] == "healthy" and body["redis"] is True
+    assert body["executors_healthy"] == body["executors_total"] == 3
+    assert body["loops_dead"] == [] and body["worker_id"] == "test-worker"
+
+
+async def _all_healthy(stack: Stack) -> bool:
+    _, body = await stack.get_json("/health")
+    return bool(body["executors_healthy"] == 3)
+
+
+async def test_degraded_but_serving_when_one_executor_is_down(stack_factory) -> None:
+    stack: Stack = await stack_factory(executor_options=[{}, {"health": "unhealthy"}])
+    await stack.wait_event("executor.health_changed", healthy=False)
+    status, body = await stack.get_json("/health")
+    assert (status, body["status"], body["executors_healthy"]) == (200, "degraded", 1)
+    bad = [x for x in body["executors"] if not x["healthy"]]
+    assert bad[0]["reason"] == "health answered HTTP 503"
+
+
+async def test_status_shows_the_run_and_equals_a_fresh_replay(stack_factory) -> None:
+    stack: Stack = await stack_factory()
+    await stack.enqueue_many(20)
+    await stack.enqueue("fails", code="SIMULATE_FAIL")
+    await stack.wait_terminal(21)
+    await stack.wait_messages(21)
+    await stack.wait_event("task.reported", eval_id="fails")
+
+    async def settled() -> dict | None:  # type: ignore[type-arg]
+        _, body = await stack.get_json("/status")
+        return body if body["counters"]["reported"] == 21 else None
+
+    body = await eventually(settled)
+    replay = fold(await stack.entries())
+    assert body["counters"] == msgspec.to_builtins(replay.workers["test-worker"].counters)
+    assert body["counters"]["pulled"] == 21 and body["counters"]["failed"] == 1
+    for x in body["executors"]:
+        folded = replay.executors[x["url"]]
+        assert (x["routed"], x["completed"], x["failed"]) == (
+            folded.routed, folded.completed, folded.failed,
+        )  # fmt: skip
+        assert x["healthy"] is True and x["latency_ms"] is not None and x["capacity"] == 2
+    assert sum(x["routed"] for x in body["executors"]) == 21
+    assert body["routed_last_minute"] == 21
+    assert body["stream"]["length"] == replay.events
+    assert body["stream"]["key"] == f"{{{stack.prefix}}}:events"
+    projectors = {p["name"]: p for p in body["stream"]["projectors"]}
+    assert set(projectors) == {"status", "publisher", "reporter"}
+    assert projectors["publisher"]["pending"] == 0
+    assert body["live"]["published"] == 21 and body["live"]["polls"] >= 21
+    assert body["live"]["append_round_trips"] <= body["live"]["events_appended"]
+
+
+async def test_counters_survive_a_restart(stack_factory) -> None:
+    stack: Stack = await stack_factory()
+    await stack.enqueue_many(5)
+    await stack.wait_terminal(5)
+    await stack.wait_event("task.reported", eval_id="t-00004")
+    await stack.stop_worker()
+    stopped = await stack.wait_event("worker.stopped")
+    assert stopped.event.in_flight == 0  # type: ignore[union-attr]
+    await stack.start_worker()
+    _, body = await stack.get_json("/status")
+    assert body["counters"]["completed"] == 5 and body["counters"]["pulled"] == 5
+
+
+async def test_bad_requests_get_json_errors(stack_factory) -> None:
+    stack: Stack = await stack_factory()
+    assert stack.worker is not None
+    for method, path, expected in [
+        ("GET", "/nope", 404),
+        ("POST", "/status", 405),
+        ("DELETE", "/health", 405),
+        ("GET", "/status/extra", 404),
+    ]:
+        async with stack.http.request(method, f"{stack.worker.url}{path}") as resp:
+            assert resp.status == expected
+            assert resp.content_type == "application/json"
+            body = msgspec.json.decode(await resp.read())
+            assert body["status"] == expected and body["error"]
+
+
+async def test_no_secret_in_status_or_health(stack_factory) -> None:
+    stack: Stack = await stack_factory(api_key="TOPSECRET-42")
+    await stack.enqueue("x")
+    await stack.wait_terminal(1)
+    for path in ("/status", "/health"):
+        assert stack.worker is not None
+        async with stack.http.get(f"{stack.worker.url}{path}") as resp:
+            assert "TOPSECRET-42" not in await resp.text()
