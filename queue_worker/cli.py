@@ -133,9 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--json", action="store_true", help="print the entries as JSON")
     audit.set_defaults(func=cmd_audit)
 
-    from queue_worker.devstack.cli import register
+    from queue_worker.devstack.cli import register as register_devstack
+    from queue_worker.openapi.cli import register as register_openapi
 
-    register(sub)
+    register_devstack(sub)
+    register_openapi(sub)
     return parser
 
 

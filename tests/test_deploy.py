@@ -21,9 +21,7 @@ def test_compose_brings_up_the_whole_stack_with_the_seed_environment() -> None:
     assert "healthcheck" in services["redis"]
     worker = services["queue-worker"]
     settings = Settings.from_env(worker["environment"])  # valid settings
-    assert settings.executor_endpoints() == tuple(
-        f"http://executor-{i}:8083" for i in (1, 2, 3)
-    )
+    assert settings.executor_endpoints() == tuple(f"http://executor-{i}:8083" for i in (1, 2, 3))
     assert settings.queue_service_url == "http://queue:8081"
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     parser = build_parser()

@@ -9,7 +9,6 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from queue_worker import __version__
-from queue_worker.http import schemas as s
 from queue_worker.http.state import (
     LOOPS,
     PUBLISHER,
@@ -20,6 +19,7 @@ from queue_worker.http.state import (
     STATUS,
     STORE,
 )
+from queue_worker.openapi import schemas as s
 from queue_worker.streams.views import ROUTED_WINDOW_MS, ExecutorView, WorkerView
 
 _encoder = msgspec.json.Encoder()

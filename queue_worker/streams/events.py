@@ -53,6 +53,8 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
+    """A worker process started: its version, executors, strategy and capacity."""
+
     version: str
     executors: list[str]
     strategy: str
@@ -60,6 +62,8 @@ class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
 
 
 class WorkerStopped(Event, frozen=True, kw_only=True, tag="worker.stopped"):
+    """A worker stopped gracefully; ``in_flight`` tasks were left for recovery."""
+
     reason: str
     in_flight: int
 
@@ -97,12 +101,16 @@ class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
 
 
 class QueueUnreachable(Event, frozen=True, kw_only=True, tag="queue.unreachable"):
+    """A poll of the queue failed; the worker waits ``backoff_s`` before the next."""
+
     consecutive_errors: int
     backoff_s: float
     reason: str
 
 
 class QueueRecovered(Event, frozen=True, kw_only=True, tag="queue.recovered"):
+    """A poll succeeded after ``after_errors`` failures."""
+
     after_errors: int
 
 
@@ -110,6 +118,8 @@ class QueueRecovered(Event, frozen=True, kw_only=True, tag="queue.recovered"):
 
 
 class ExecutorSelected(Event, frozen=True, kw_only=True, tag="executor.selected"):
+    """A routing decision, with every candidate as the strategy saw it."""
+
     eval_id: str
     executor: str
     strategy: str
@@ -118,6 +128,8 @@ class ExecutorSelected(Event, frozen=True, kw_only=True, tag="executor.selected"
 
 
 class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
+    """``POST /execute`` is about to be sent to ``executor``."""
+
     eval_id: str
     executor: str
     attempt: int
