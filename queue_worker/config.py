@@ -17,6 +17,7 @@ from queue_worker.errors import ConfigError
 Strategy = Literal["round_robin", "random"]
 STRATEGIES: tuple[Strategy, ...] = ("round_robin", "random")
 LogFormat = Literal["json", "console"]
+RecoveryPolicy = Literal["redispatch", "fail"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 T = TypeVar("T")
@@ -49,6 +50,18 @@ class Settings:
     queue_backoff_max_s: float = 30.0
     report_backoff_max_s: float = 30.0
     shutdown_grace_s: float = 30.0
+    max_attempts: int = 3
+    retry_base_ms: int = 200
+    retry_max_ms: int = 5000
+    recovery_policy: RecoveryPolicy = "redispatch"
+    queue_lease_s: float = 60.0
+    max_deliveries: int = 5
+    claim_idle_ms: int = 30_000
+    max_code_bytes: int = 1 << 20
+    max_output_bytes: int = 64 << 10
+    stream_maxlen: int = 1_000_000
+    retention_interval_s: float = 30.0
+    event_buffer_max: int = 10_000
     stream_prefix: str = "queue-worker"
     projector_block_ms: int = 1000
     projector_batch: int = 256
@@ -217,6 +230,23 @@ class _Reader:
                 "REPORT_BACKOFF_MAX_S", d.report_backoff_max_s, minimum=0.01
             ),
             shutdown_grace_s=self.number("SHUTDOWN_GRACE_S", d.shutdown_grace_s),
+            max_attempts=self.integer("MAX_ATTEMPTS", d.max_attempts, minimum=1, maximum=100),
+            retry_base_ms=self.integer("RETRY_BASE_MS", d.retry_base_ms, minimum=0),
+            retry_max_ms=self.integer("RETRY_MAX_MS", d.retry_max_ms, minimum=0),
+            recovery_policy=cast(
+                RecoveryPolicy,
+                self.choice("RECOVERY_POLICY", d.recovery_policy, ("redispatch", "fail")),
+            ),
+            queue_lease_s=self.number("QUEUE_LEASE_S", d.queue_lease_s),
+            max_deliveries=self.integer("MAX_DELIVERIES", d.max_deliveries, minimum=1),
+            claim_idle_ms=self.integer("CLAIM_IDLE_MS", d.claim_idle_ms, minimum=10),
+            max_code_bytes=self.integer("MAX_CODE_BYTES", d.max_code_bytes, minimum=1),
+            max_output_bytes=self.integer("MAX_OUTPUT_BYTES", d.max_output_bytes, minimum=256),
+            stream_maxlen=self.integer("STREAM_MAXLEN", d.stream_maxlen, minimum=0),
+            retention_interval_s=self.number(
+                "RETENTION_INTERVAL_S", d.retention_interval_s, minimum=0.01
+            ),
+            event_buffer_max=self.integer("EVENT_BUFFER_MAX", d.event_buffer_max, minimum=1),
             stream_prefix=prefix,
             projector_block_ms=self.integer(
                 "PROJECTOR_BLOCK_MS", d.projector_block_ms, minimum=1, maximum=60_000
@@ -257,6 +287,18 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("QUEUE_BACKOFF_MAX_S", "30.0", "longest wait between pull attempts"),
     ("REPORT_BACKOFF_MAX_S", "30.0", "longest wait between report retries"),
     ("SHUTDOWN_GRACE_S", "30.0", "on SIGTERM, how long in-flight tasks may finish"),
+    ("MAX_ATTEMPTS", "3", "tries of a task on retryable failures (a different executor each)"),
+    ("RETRY_BASE_MS", "200", "retry backoff: full jitter up to base * 2^(attempt-1)"),
+    ("RETRY_MAX_MS", "5000", "retry backoff cap"),
+    ("RECOVERY_POLICY", "redispatch", "unfinished tasks found at start-up: redispatch or fail"),
+    ("QUEUE_LEASE_S", "60", "lease asked of the queue (?lease_s=); 0 asks none"),
+    ("MAX_DELIVERIES", "5", "a projector entry delivered more often is dead-lettered"),
+    ("CLAIM_IDLE_MS", "30000", "pending entries idle this long are taken over (XAUTOCLAIM)"),
+    ("MAX_CODE_BYTES", "1048576", "larger task code is rejected"),
+    ("MAX_OUTPUT_BYTES", "65536", "executor output kept in the stream (the queue gets it all)"),
+    ("STREAM_MAXLEN", "1000000", "approximate stream length kept; 0 never trims"),
+    ("RETENTION_INTERVAL_S", "30", "how often the stream is trimmed"),
+    ("EVENT_BUFFER_MAX", "10000", "events held in memory while Redis is unreachable"),
     ("STREAM_PREFIX", "queue-worker", "stream key is {<prefix>}:events"),
     ("PROJECTOR_BLOCK_MS", "1000", "how long a projector blocks on an empty stream"),
     ("PROJECTOR_BATCH", "256", "entries a projector reads at once"),

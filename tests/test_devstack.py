@@ -81,7 +81,7 @@ async def test_enqueue_pull_complete_then_404(http: aiohttp.ClientSession, queue
     assert await call(http, "GET", f"{queue.url}/stats") == (
         200,
         {"queued": 0, "running": 0, "completed": 1, "failed": 0, "total": 1,
-         "duplicate_reports": 1},
+         "duplicate_reports": 1, "lease_expiries": 0},
     )  # fmt: skip
     assert queue.app[QUEUE_STATE].tasks["e1"].output == output
 
@@ -329,3 +329,23 @@ async def test_stop_does_not_wait_for_hung_handlers(http: aiohttp.ClientSession)
     await asyncio.wait_for(server.stop(), timeout=5)
     for result in await asyncio.gather(*pending, return_exceptions=True):
         assert isinstance(result, aiohttp.ClientError)
+
+
+async def test_lease_expires_renews_and_returns_the_task(
+    http: aiohttp.ClientSession, queue: Server
+) -> None:
+    await enqueue(http, queue, "leased")
+    status, task = await call(http, "GET", f"{queue.url}/tasks/next?lease_s=0.3")
+    assert status == 200 and task["lease_s"] == 0.3
+    assert (await call(http, "POST", f"{queue.url}/tasks/leased/renew?lease_s=0.3"))[0] == 200
+    await asyncio.sleep(0.2)
+    assert (await call(http, "GET", f"{queue.url}/tasks/next"))[1] is None  # still leased
+    await asyncio.sleep(0.25)  # the renewal at ~0 s moved the deadline to ~0.3 s: now past it
+    status, again = await call(http, "GET", f"{queue.url}/tasks/next")
+    assert again["eval_id"] == "leased" and "lease_s" not in again
+    assert queue.app[QUEUE_STATE].stats()["lease_expiries"] == 1
+    assert queue.app[QUEUE_STATE].tasks["leased"].pulls == 2
+    status, _ = await call(http, "POST", f"{queue.url}/tasks/leased/renew")
+    assert status == 404  # the second pull took no lease
+    assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=-1"))[0] == 400
+    assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=x"))[0] == 400

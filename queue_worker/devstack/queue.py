@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -57,16 +58,21 @@ class Task:
     complete_calls: int = 0
     fail_calls: int = 0
     pulls: int = 0
+    lease_s: float | None = None
+    lease_deadline: float | None = None
 
     def payload(self) -> dict[str, Any]:
-        """What ``GET /tasks/next`` hands to a worker."""
-        return {
+        """What ``GET /tasks/next`` hands to a worker (``lease_s`` when it holds a lease)."""
+        body: dict[str, Any] = {
             "eval_id": self.eval_id,
             "code": self.code,
             "language": self.language,
             "engine": self.engine,
             "timeout": self.timeout,
         }
+        if self.lease_s is not None:
+            body["lease_s"] = self.lease_s
+        return body
 
     def record(self) -> dict[str, Any]:
         """What ``GET /tasks/{eval_id}`` shows to tests."""
@@ -88,6 +94,7 @@ class QueueState:
         self.tasks: dict[str, Task] = {}
         self.injected: deque[bytes] = deque()
         self.duplicate_reports = 0
+        self.lease_expiries = 0
         self._heap: list[tuple[int, int, str]] = []
         self._seq = itertools.count()
 
@@ -100,15 +107,40 @@ class QueueState:
         heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
         return task
 
-    def pull(self) -> Task | None:
-        """Mark the next queued task running and return it (``None`` when empty)."""
+    def pull(self, lease_s: float | None = None) -> Task | None:
+        """Mark the next queued task running and return it (``None`` when empty).
+
+        With ``lease_s`` the task goes back to the queue unless it is completed,
+        failed or renewed within that many seconds.
+        """
+        self.expire_leases()
         while self._heap:
             task = self.tasks[heapq.heappop(self._heap)[2]]
             if task.status == "queued":  # a queued task may have been failed meanwhile
                 task.status = "running"
                 task.pulls += 1
+                task.lease_s = lease_s
+                task.lease_deadline = None if lease_s is None else time.monotonic() + lease_s
                 return task
         return None
+
+    def expire_leases(self) -> None:
+        """Put running tasks whose lease ran out back in the queue."""
+        now = time.monotonic()
+        for task in self.tasks.values():
+            if task.status == "running" and task.lease_deadline and task.lease_deadline < now:
+                task.status, task.lease_s, task.lease_deadline = "queued", None, None
+                self.lease_expiries += 1
+                heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
+
+    def renew(self, eval_id: str, lease_s: float) -> bool:
+        """Extend a running task's lease; ``False`` when it holds none (or is not running)."""
+        self.expire_leases()
+        task = self.tasks.get(eval_id)
+        if task is None or task.status != "running" or task.lease_deadline is None:
+            return False
+        task.lease_s, task.lease_deadline = lease_s, time.monotonic() + lease_s
+        return True
 
     def complete(self, eval_id: str, output: Any) -> bool:
         """Record a result; ``False`` when the task is unknown or not running."""
@@ -118,7 +150,7 @@ class QueueState:
         if task is None or task.status != "running":
             self.duplicate_reports += 1
             return False
-        task.status, task.output = "completed", output
+        task.status, task.output, task.lease_deadline = "completed", output, None
         return True
 
     def fail(self, eval_id: str, error: str) -> bool:
@@ -130,15 +162,21 @@ class QueueState:
             self.duplicate_reports += 1
         if task is None or task.status not in ("running", "queued"):
             return False
-        task.status, task.error = "failed", error
+        task.status, task.error, task.lease_deadline = "failed", error, None
         return True
 
     def stats(self) -> dict[str, int]:
-        """Counts per status plus ``total`` and ``duplicate_reports``."""
+        """Counts per status plus ``total``, ``duplicate_reports`` and ``lease_expiries``."""
+        self.expire_leases()
         counts = dict.fromkeys(("queued", "running", "completed", "failed"), 0)
         for task in self.tasks.values():
             counts[task.status] += 1
-        return {**counts, "total": len(self.tasks), "duplicate_reports": self.duplicate_reports}
+        return {
+            **counts,
+            "total": len(self.tasks),
+            "duplicate_reports": self.duplicate_reports,
+            "lease_expiries": self.lease_expiries,
+        }
 
 
 QUEUE_STATE = web.AppKey("queue_state", QueueState)
@@ -179,8 +217,37 @@ async def _next(request: web.Request) -> web.Response:
     state = request.app[QUEUE_STATE]
     if state.injected:
         return web.Response(body=state.injected.popleft(), content_type="application/json")
-    task = state.pull()
+    lease_s = _lease_s(request)
+    if isinstance(lease_s, web.Response):
+        return lease_s
+    task = state.pull(lease_s)
     return _json(None if task is None else task.payload())
+
+
+def _lease_s(request: web.Request) -> float | web.Response | None:
+    """The optional ``lease_s`` query value: a number of seconds in (0, 3600]."""
+    raw = request.query.get("lease_s")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        return _error(400, "lease_s must be a number of seconds in (0, 3600]")
+    return value
+
+
+async def _renew(request: web.Request) -> web.Response:
+    lease_s = _lease_s(request)
+    if isinstance(lease_s, web.Response):
+        return lease_s
+    eval_id = request.match_info["eval_id"]
+    state = request.app[QUEUE_STATE]
+    task = state.tasks.get(eval_id)
+    if not state.renew(eval_id, lease_s or (task.lease_s if task and task.lease_s else 60.0)):
+        return _error(404, "Task not found or holds no lease")
+    return _json({"status": "renewed", "lease_s": state.tasks[eval_id].lease_s})
 
 
 async def _create(request: web.Request) -> web.Response:
@@ -239,4 +306,5 @@ def create_queue_app(*, api_key: str | None = None) -> web.Application:
     app.router.add_get("/tasks/{eval_id}", _get)
     app.router.add_post("/tasks/{eval_id}/complete", _complete)
     app.router.add_post("/tasks/{eval_id}/fail", _fail)
+    app.router.add_post("/tasks/{eval_id}/renew", _renew)
     return app

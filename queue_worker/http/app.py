@@ -36,8 +36,9 @@ from queue_worker.openapi import routes as openapi_routes
 from queue_worker.router.queue_client import QueueClient
 from queue_worker.router.reporter import Reporter
 from queue_worker.router.worker import Router
+from queue_worker.streams import retention
 from queue_worker.streams.keys import Keys
-from queue_worker.streams.projector import TailProjector
+from queue_worker.streams.projector import REDIS_DOWN, TailProjector
 from queue_worker.streams.publisher import Publisher
 from queue_worker.streams.store import EventStore
 
@@ -67,7 +68,9 @@ async def connect_redis(settings: Settings, attempts: int = 5) -> aioredis.Redis
     raise AssertionError("unreachable")
 
 
-def _start_loop(app: web.Application, name: str, coro: Coroutine[Any, Any, None]) -> None:
+def _start_loop(
+    app: web.Application, name: str, coro: Coroutine[Any, Any, None]
+) -> asyncio.Task[None]:
     async def supervised() -> None:
         try:
             await coro
@@ -77,7 +80,8 @@ def _start_loop(app: web.Application, name: str, coro: Coroutine[Any, Any, None]
             log.exception("loop_died", loop=name)
             raise
 
-    app[LOOPS][name] = asyncio.create_task(supervised(), name=name)
+    task = app[LOOPS][name] = asyncio.create_task(supervised(), name=name)
+    return task
 
 
 async def _stop_loop(app: web.Application, name: str) -> None:
@@ -102,7 +106,12 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = EventStore(app[REDIS], Keys(settings.stream_prefix), settings.worker_id)
+    store = EventStore(
+        app[REDIS],
+        Keys(settings.stream_prefix),
+        settings.worker_id,
+        buffer_max=settings.event_buffer_max,
+    )
     await store.start()
     app[STORE] = store
     yield
@@ -122,7 +131,12 @@ async def status_ctx(app: web.Application) -> AsyncIterator[None]:
 async def projectors_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store, keys = app[STORE], app[STORE].keys
-    options = {"block_ms": settings.projector_block_ms, "batch": settings.projector_batch}
+    options = {
+        "block_ms": settings.projector_block_ms,
+        "batch": settings.projector_batch,
+        "claim_idle_ms": settings.claim_idle_ms,
+        "max_deliveries": settings.max_deliveries,
+    }
     app[PUBLISHER] = Publisher(store, keys.publisher_group, settings.worker_id, **options)
     queue = QueueClient(
         app[SESSION],
@@ -147,12 +161,30 @@ async def projectors_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def router_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    router = Router(settings, app[STORE], app[SESSION])
+    router = Router(settings, app[STORE], app[SESSION], view=app[STATUS].view)
     app[ROUTER] = router
-    _start_loop(app, "router", router.run())
+    running = _start_loop(app, "router", router.run())
     yield
-    await _stop_loop(app, "router")
-    await router.drain(settings.shutdown_grace_s)
+    app[LOOPS].pop("router", None)
+    await router.stop(running, settings.shutdown_grace_s)
+
+
+async def _retain(app: web.Application) -> None:
+    settings, store, view = app[SETTINGS], app[STORE], app[STATUS].view
+    while True:
+        await asyncio.sleep(settings.retention_interval_s)
+        protect = [t.pulled_id for t in view.in_flight.values()]
+        try:
+            await retention.trim(store, settings.stream_maxlen, protect)
+        except REDIS_DOWN as exc:
+            log.warning("retention_skipped", error=str(exc))
+
+
+async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    if app[SETTINGS].stream_maxlen:
+        _start_loop(app, "retention", _retain(app))
+    yield
+    await _stop_loop(app, "retention")
 
 
 @web.middleware
@@ -178,7 +210,7 @@ def create_app(settings: Settings) -> web.Application:
     app[LOOPS] = {}
     app[STARTED] = time.monotonic()
     app.cleanup_ctx.extend(
-        [redis_ctx, session_ctx, store_ctx, status_ctx, projectors_ctx, router_ctx]
+        [redis_ctx, session_ctx, store_ctx, status_ctx, projectors_ctx, retention_ctx, router_ctx]
     )
     handlers.register(app)
     openapi_routes.register(app)

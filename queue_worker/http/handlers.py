@@ -34,6 +34,8 @@ def error_response(status: int, error: str, detail: str | None = None) -> web.Re
 
 
 async def _redis_ok(request: web.Request) -> bool:
+    if not request.app[STORE].available:  # events are being held for Redis
+        return False
     try:
         await request.app[STORE].redis.ping()  # type: ignore[misc]
     except (aioredis.RedisError, OSError):

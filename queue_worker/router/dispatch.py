@@ -41,6 +41,16 @@ class ExecutionFailed:
     duration_ms: float
     result: dict[str, Any] | None = None
     unreachable: bool = False
+    http_status: int | None = None
+
+    @property
+    def retryable(self) -> bool:
+        """A failure of the transport or the executor, not of the task's code."""
+        if self.reason in ("executor_unreachable", "executor_no_answer"):
+            return True
+        return self.reason == "executor_http_error" and (
+            self.http_status is None or self.http_status >= 500
+        )
 
 
 Outcome = Executed | ExecutionFailed
@@ -51,7 +61,10 @@ def interpret(http_status: int, body: bytes, duration_ms: float) -> Outcome:
     text = body[:ERROR_EXCERPT_CHARS].decode("utf-8", errors="replace")
     if not 200 <= http_status < 300:
         return ExecutionFailed(
-            "executor_http_error", f"executor answered HTTP {http_status}: {text}", duration_ms
+            "executor_http_error",
+            f"executor answered HTTP {http_status}: {text}",
+            duration_ms,
+            http_status=http_status,
         )
     try:
         result: Any = msgspec.json.decode(body)

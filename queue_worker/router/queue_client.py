@@ -57,7 +57,7 @@ def _usable_eval_id(body: bytes) -> str | None:
     return None
 
 
-def parse_task(body: bytes) -> Task | None:
+def parse_task(body: bytes, *, max_code_bytes: int = 1 << 20) -> Task | None:
     """The task in a ``/tasks/next`` body, ``None`` when the queue is empty.
 
     Raises :class:`InvalidTask` with a reason, an excerpt and, when the body
@@ -77,6 +77,8 @@ def parse_task(body: bytes) -> Task | None:
         problem = f"eval_id is longer than {MAX_EVAL_ID_CHARS} characters"
     elif task.timeout is not None and not task.timeout > 0:
         problem = "timeout must be a positive number"
+    elif len(task.code) > max_code_bytes // 4 and len(task.code.encode()) > max_code_bytes:
+        problem = f"code is larger than MAX_CODE_BYTES ({max_code_bytes})"
     if problem is not None:
         raise InvalidTask(problem, excerpt(body), _usable_eval_id(body))
     return task
@@ -109,11 +111,19 @@ class QueueClient:
     def _task_url(self, eval_id: str, action: str) -> URL:
         return URL(f"{self.base_url}/tasks/{quote(eval_id, safe='')}/{action}", encoded=True)
 
-    async def next_task(self) -> bytes:
-        """The raw body of ``GET /tasks/next``; raises :class:`QueueUnavailable`."""
+    async def next_task(self, lease_s: float | None = None) -> bytes:
+        """The raw body of ``GET /tasks/next``; raises :class:`QueueUnavailable`.
+
+        With ``lease_s`` it asks for a lease (``?lease_s=``); a queue that does not
+        know leases ignores the parameter and hands out the task without one.
+        """
+        params = {"lease_s": f"{lease_s:g}"} if lease_s else None
         try:
             async with self.session.get(
-                f"{self.base_url}/tasks/next", headers=self.headers, timeout=self.timeout
+                f"{self.base_url}/tasks/next",
+                params=params,
+                headers=self.headers,
+                timeout=self.timeout,
             ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
@@ -157,3 +167,27 @@ class QueueClient:
         except msgspec.DecodeError:
             answer = None
         return status, isinstance(answer, dict) and answer.get("status") == "not_found"
+
+    async def renew(self, eval_id: str, lease_s: float) -> bool:
+        """Extend a task's lease; ``False`` when the queue says it holds none."""
+        url = self._task_url(eval_id, "renew").with_query(lease_s=f"{lease_s:g}")
+        status, body = await self._post(url, b"{}")
+        if status == 404:
+            return False
+        if not 200 <= status < 300:
+            raise ReportRefused(status, excerpt(body))
+        return True
+
+    async def running_count(self) -> int | None:
+        """The queue's own count of running tasks, when it reports one (``GET /stats``)."""
+        try:
+            async with self.session.get(
+                f"{self.base_url}/stats", headers=self.headers, timeout=self.timeout
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                stats: Any = msgspec.json.decode(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
+            return None
+        running = stats.get("running") if isinstance(stats, dict) else None
+        return running if isinstance(running, int) else None

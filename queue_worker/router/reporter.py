@@ -19,6 +19,8 @@ from queue_worker.streams.store import EventStore
 
 log = structlog.get_logger(__name__)
 
+TRANSIENT_STATUSES = frozenset({0, 401, 403, 408, 429})
+
 
 class Reporter(GroupProjector):
     name = "reporter"
@@ -33,6 +35,7 @@ class Reporter(GroupProjector):
         backoff_max_s: float = 30.0,
         **kwargs: int,
     ) -> None:
+        # kwargs: block_ms, batch, claim_idle_ms, max_deliveries (see GroupProjector)
         super().__init__(store, group, consumer, **kwargs)
         self.queue = queue
         self.backoff_max_s = backoff_max_s
@@ -42,7 +45,8 @@ class Reporter(GroupProjector):
     async def _report_once(self, event: ev.Event) -> ev.TaskReported | None:
         match event:
             case ev.TaskCompleted():
-                status, already = await self.queue.complete(event.eval_id, event.result)
+                output = await self.store.full_result(event) or event.result
+                status, already = await self.queue.complete(event.eval_id, output)
                 return ev.TaskReported(
                     eval_id=event.eval_id, outcome="completed", http_status=status, already=already
                 )
@@ -60,11 +64,16 @@ class Reporter(GroupProjector):
         return None
 
     async def _report(self, event: ev.Event) -> ev.TaskReported | None:
+        """Report, retrying in place while the failure may pass (no answer, 5xx,
+        401/403/408/429); any other refusal raises, so the entry stays pending and
+        is dead-lettered after ``max_deliveries``."""
         delay = 0.2
         while True:
             try:
                 return await self._report_once(event)
             except ReportRefused as exc:
+                if exc.http_status not in TRANSIENT_STATUSES and exc.http_status < 500:
+                    raise
                 self.report_errors += 1
                 log.warning(
                     "report_failed",

@@ -8,34 +8,69 @@ appended before the next step that depends on it.
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
+from typing import Any
 
 import aiohttp
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 
 from queue_worker import __version__
 from queue_worker.config import Settings
-from queue_worker.router.balancer import make_balancer
+from queue_worker.errors import QueueWorkerError
+from queue_worker.router.balancer import eligible, make_balancer
 from queue_worker.router.dispatch import Executed, ExecutionFailed, execute
 from queue_worker.router.executors import ExecutorPool, ExecutorState
 from queue_worker.router.queue_client import (
     InvalidTask,
     QueueClient,
     QueueUnavailable,
+    ReportRefused,
     parse_task,
 )
 from queue_worker.streams import events as ev
-from queue_worker.streams.store import EventStore
+from queue_worker.streams.store import EventStore, parse_entries
+from queue_worker.streams.views import StatusView
 
 log = structlog.get_logger(__name__)
 
 NO_HEALTHY_EXECUTOR = "no_healthy_executor"
+# What may go wrong while recording: Redis itself, or the store giving up (stopped, buffer full).
+RECORDING_ERRORS = (aioredis.RedisError, OSError, QueueWorkerError)
+RESULT_TTL_S = 7 * 24 * 3600
 
 
 def queue_backoff_s(consecutive_errors: int, step_s: float, max_s: float) -> float:
     """The seed's backoff: step, 2*step, 3*step ... capped at ``max_s``."""
     return round(min(step_s * consecutive_errors, max_s), 3)
+
+
+def retry_delay_ms(attempt: int, base_ms: int, max_ms: int, rng: random.Random) -> float:
+    """Exponential backoff with full jitter before attempt ``attempt + 1``."""
+    return round(rng.uniform(0, min(max_ms, base_ms * 2 ** (attempt - 1))), 1)
+
+
+def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
+    """``text`` cut to ``max_bytes`` of UTF-8 (on a character boundary), and whether it was."""
+    if len(text) * 4 <= max_bytes:
+        return text, False
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text, False
+    return data[:max_bytes].decode(errors="ignore"), True
+
+
+def cap_result(result: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], bool]:
+    """The result with its ``output`` and ``error`` strings cut to ``max_bytes`` each."""
+    capped, cut = dict(result), False
+    for field in ("output", "error"):
+        value = capped.get(field)
+        if isinstance(value, str):
+            capped[field], was_cut = cap_text(value, max_bytes)
+            cut = cut or was_cut
+    return capped, cut
 
 
 class Router:
@@ -47,19 +82,21 @@ class Router:
         store: EventStore,
         session: aiohttp.ClientSession,
         *,
-        queue: QueueClient | None = None,
-        pool: ExecutorPool | None = None,
+        view: StatusView | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.session = session
-        self.queue = queue or QueueClient(
+        self.view = view
+        self.rng = rng or random.Random()
+        self.queue = QueueClient(
             session,
             settings.queue_service_url,
             api_key=settings.queue_api_key,
             timeout_s=settings.queue_timeout_s,
         )
-        self.pool = pool or ExecutorPool(
+        self.pool = ExecutorPool(
             store,
             session,
             settings.executor_endpoints(),
@@ -67,13 +104,17 @@ class Router:
             health_timeout_s=settings.health_timeout_s,
             health_stale_s=settings.health_stale_s,
         )
-        self.balancer = make_balancer(settings.routing_strategy)
+        self.balancer = make_balancer(settings.routing_strategy, self.rng)
         self.reserved = 0  # tasks pulled and not yet terminal
         self.polls = 0
         self.empty_polls = 0
         self.queue_errors = 0
+        self.leases: dict[str, float] = {}  # eval_id -> lease_s, while in flight
         self._tasks: set[asyncio.Task[None]] = set()
+        self._helpers: list[asyncio.Task[None]] = []
         self._open_pull: str | None = None
+        self._stopping = False
+        self._in_pull = False  # between asking the queue and recording its answer
 
     @property
     def in_flight(self) -> int:
@@ -82,7 +123,7 @@ class Router:
     # --- lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Announce, check the executors once, then pull until cancelled."""
+        """Announce, recover, check the executors, then pull until cancelled."""
         await self.store.append(
             ev.WorkerStarted(
                 version=__version__,
@@ -91,78 +132,153 @@ class Router:
                 capacity=self.settings.executor_capacity,
             )
         )
+        self._helpers = [
+            asyncio.create_task(self.pool.monitor(self.settings.health_interval_s)),
+            asyncio.create_task(self._renew_leases()),
+        ]
         await self.pool.check_all()
-        monitor = asyncio.create_task(
-            self.pool.monitor(self.settings.health_interval_s), name="health-monitor"
-        )
-        try:
-            await self._pull_loop()
-        finally:
-            monitor.cancel()
-            await asyncio.gather(monitor, return_exceptions=True)
+        if self.view is not None:
+            await self.recover(self.view)
+        await self._pull_loop()
 
-    async def drain(self, grace_s: float) -> None:
-        """Wait up to ``grace_s`` for in-flight tasks, then cancel what is left."""
+    async def stop(self, running: asyncio.Task[None] | None, grace_s: float) -> None:
+        """Graceful stop: stop pulling (never in the middle of a pull), let in-flight
+        tasks finish for up to ``grace_s``, then append ``worker.stopped``.
+
+        A task still running then is cancelled without a terminal event: the next
+        start recovers it.
+        """
+        self._stopping = True
+        await self.pool.notify()
+        if running is not None:
+            if not self._in_pull:
+                running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
         left = list(self._tasks)
-        for task in left:
+        for task in left + self._helpers:
             task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
+        await asyncio.gather(*left, *self._helpers, return_exceptions=True)
         try:
             await self.store.append(ev.WorkerStopped(reason="shutdown", in_flight=len(left)))
-        except (aioredis.RedisError, OSError) as exc:
+        except RECORDING_ERRORS as exc:
             log.error("worker_stopped_not_recorded", error=str(exc))
+
+    def _spawn(self, task: ev.Task, first_attempt: int = 1) -> None:
+        worker = asyncio.create_task(self._route(task, first_attempt), name=f"route-{task.eval_id}")
+        self._tasks.add(worker)
+        worker.add_done_callback(self._tasks.discard)
+
+    # --- recovery ------------------------------------------------------------
+
+    async def recover(self, view: StatusView) -> None:
+        """Finish what a previous run of this worker left: open pulls and unfinished tasks."""
+        me = self.settings.worker_id
+        mine = view.workers.get(me)
+        if mine is not None and mine.open_pull is not None:
+            running = await self.queue.running_count()
+            log.warning("pull_interrupted", pull_id=mine.open_pull, queue_running=running)
+            await self.store.append(
+                ev.PullInterrupted(pull_id=mine.open_pull, queue_running=running)
+            )
+        for eval_id, state in list(view.in_flight.items()):
+            if state.worker_id == me:
+                await self._recover_task(eval_id, state.pulled_id, state.stage, state.attempt)
+
+    async def _recover_task(self, eval_id: str, pulled_id: str, stage: str, attempt: int) -> None:
+        raws = await self.store.redis.xrange(self.store.keys.events, pulled_id, pulled_id)
+        pulled = parse_pulled(raws)
+
+        def recovered(action: Any) -> ev.TaskRecovered:
+            return ev.TaskRecovered(
+                eval_id=eval_id, action=action, stage=stage, previous_attempt=attempt
+            )
+
+        if pulled is not None and pulled.lease_s is not None:
+            try:
+                held = await self.queue.renew(eval_id, pulled.lease_s)
+            except ReportRefused:
+                held = False
+            if not held:
+                log.warning("task_lease_lost", eval_id=eval_id)
+                await self.store.append(recovered("lease_lost"))
+                return
+            self.leases[eval_id] = pulled.lease_s
+        if pulled is None or self.settings.recovery_policy == "fail":
+            why = "its task.pulled entry is gone" if pulled is None else "RECOVERY_POLICY=fail"
+            await self.store.append(
+                recovered("fail"),
+                ev.TaskFailed(
+                    eval_id=eval_id,
+                    attempt=attempt,
+                    reason="worker_stopped",
+                    error=f"the worker stopped while the task was {stage}; not re-run ({why})",
+                ),
+            )
+            self.leases.pop(eval_id, None)
+            return
+        log.info("task_recovered", eval_id=eval_id, stage=stage, attempt=attempt + 1)
+        await self.store.append(recovered("redispatch"))
+        self.reserved += 1
+        self._spawn(pulled.task, first_attempt=attempt + 1)
 
     # --- pulling -------------------------------------------------------------
 
     async def _wait_for_capacity(self) -> None:
         async with self.pool.changed:
-            await self.pool.changed.wait_for(lambda: self.reserved < self.pool.healthy_capacity())
+            await self.pool.changed.wait_for(
+                lambda: self._stopping or self.reserved < self.pool.healthy_capacity()
+            )
 
     async def _pull_loop(self) -> None:
         errors = 0
-        while True:
+        while not self._stopping:
             await self._wait_for_capacity()
+            if self._stopping:
+                return
+            self._in_pull = True
             try:
-                if self._open_pull is None:
-                    self._open_pull = uuid.uuid4().hex[:16]
-                    await self.store.append(ev.PullStarted(pull_id=self._open_pull))
-                pull_id = self._open_pull
-                self.polls += 1
-                try:
-                    body = await self.queue.next_task()
-                except QueueUnavailable as exc:
-                    errors += 1
-                    self.queue_errors += 1
-                    backoff = queue_backoff_s(
-                        errors,
-                        self.settings.queue_backoff_step_s,
-                        self.settings.queue_backoff_max_s,
-                    )
-                    log.warning(
-                        "queue_unreachable", errors=errors, backoff_s=backoff, error=str(exc)
-                    )
-                    await self.store.append(
-                        ev.QueueUnreachable(
-                            consecutive_errors=errors, backoff_s=backoff, reason=str(exc)
-                        )
-                    )
-                    await asyncio.sleep(backoff)
-                    continue
-                if errors:
-                    log.info("queue_recovered", after_errors=errors)
-                    await self.store.append(ev.QueueRecovered(after_errors=errors))
-                    errors = 0
-                await self._take(body, pull_id)
-            except (aioredis.RedisError, OSError) as exc:
-                # No state change may happen without its event: stop and retry.
+                errors, pause_s = await self._pull_once(errors)
+            except RECORDING_ERRORS as exc:
+                # No state change may happen without its event: wait for the store.
                 log.error("event_store_unavailable", error=str(exc))
-                await asyncio.sleep(1.0)
+                pause_s = 1.0
+            finally:
+                self._in_pull = False
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
-    async def _take(self, body: bytes, pull_id: str) -> None:
+    async def _pull_once(self, errors: int) -> tuple[int, float]:
+        """One poll and its record; returns (consecutive queue errors, seconds to pause)."""
+        if self._open_pull is None:
+            self._open_pull = uuid.uuid4().hex[:16]
+            await self.store.append(ev.PullStarted(pull_id=self._open_pull))
+        pull_id = self._open_pull
+        self.polls += 1
         try:
-            task = parse_task(body)
+            body = await self.queue.next_task(self.settings.queue_lease_s or None)
+        except QueueUnavailable as exc:
+            errors += 1
+            self.queue_errors += 1
+            settings = self.settings
+            backoff = queue_backoff_s(
+                errors, settings.queue_backoff_step_s, settings.queue_backoff_max_s
+            )
+            log.warning("queue_unreachable", errors=errors, backoff_s=backoff, error=str(exc))
+            await self.store.append(
+                ev.QueueUnreachable(consecutive_errors=errors, backoff_s=backoff, reason=str(exc))
+            )
+            return errors, backoff
+        if errors:
+            log.info("queue_recovered", after_errors=errors)
+            await self.store.append(ev.QueueRecovered(after_errors=errors))
+        return 0, await self._take(body, pull_id)
+
+    async def _take(self, body: bytes, pull_id: str) -> float:
+        """Record what the queue answered and start routing it; returns a pause."""
+        try:
+            task = parse_task(body, max_code_bytes=self.settings.max_code_bytes)
         except InvalidTask as bad:
             self._open_pull = None
             log.warning("task_rejected", reason=bad.reason, eval_id=bad.eval_id)
@@ -171,13 +287,14 @@ class Router:
                     pull_id=pull_id, eval_id=bad.eval_id, reason=bad.reason, excerpt=bad.excerpt
                 )
             )
-            return
+            return 0.0
         if task is None:
             self.empty_polls += 1
-            await asyncio.sleep(self.settings.poll_interval_s)
-            return
+            return self.settings.poll_interval_s
         self._open_pull = None
         self.reserved += 1
+        if task.lease_s is not None:
+            self.leases[task.eval_id] = task.lease_s
         try:
             await self.store.append(
                 ev.TaskPulled(
@@ -185,34 +302,53 @@ class Router:
                     pull_id=pull_id,
                     task=task,
                     code_bytes=len(task.code.encode()),
+                    lease_s=task.lease_s,
                 )
             )
         except BaseException:
             self.reserved -= 1
+            self.leases.pop(task.eval_id, None)
             raise
-        worker = asyncio.create_task(self._route(task), name=f"route-{task.eval_id}")
-        self._tasks.add(worker)
-        worker.add_done_callback(self._tasks.discard)
+        self._spawn(task)
+        return 0.0
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of tasks in flight: renew each at a third of its length."""
+        while True:
+            period = min(self.leases.values(), default=self.settings.queue_lease_s or 60.0) / 3
+            await asyncio.sleep(max(period, 0.05))
+            leases = dict(self.leases)
+            results = await asyncio.gather(
+                *(self.queue.renew(eval_id, lease_s) for eval_id, lease_s in leases.items()),
+                return_exceptions=True,
+            )
+            for eval_id, held in zip(leases, results, strict=True):
+                if held is False:
+                    log.warning("task_lease_lost", eval_id=eval_id)
+                elif isinstance(held, BaseException):
+                    log.warning("lease_renewal_failed", eval_id=eval_id, error=str(held))
 
     # --- routing -------------------------------------------------------------
 
-    async def _select(self) -> ExecutorState | None:
-        """Reserve a slot on a healthy executor, or ``None`` when none is healthy."""
+    async def _select(self, avoid: set[str]) -> ExecutorState | None:
+        """Reserve a slot on a healthy executor, or ``None`` when none is healthy.
+
+        Executors in ``avoid`` are used only when no other one is healthy.
+        """
         pool = self.pool
         while True:
             if not pool.any_healthy():
                 return None
-            index = self.balancer.choose(pool.executors)
-            if index is None:
+            others = [x for x in pool.executors if x.url not in avoid]
+            pick_from = others if any(x.healthy for x in others) else pool.executors
+            index = self.balancer.choose(pick_from)
+            if index is None:  # all full: wait for a slot (or a health change)
                 async with pool.changed:
                     await pool.changed.wait_for(
-                        lambda: (
-                            not pool.any_healthy()
-                            or any(x.healthy and x.in_flight < x.capacity for x in pool.executors)
-                        )
+                        lambda: not pool.any_healthy() or any(eligible(x) for x in pick_from)
                     )
                 continue
-            chosen = pool.executors[index]
+            chosen = pick_from[index]
             chosen.in_flight += 1
             if pool.is_stale(chosen) and not await pool.check(chosen):
                 chosen.in_flight -= 1
@@ -220,24 +356,42 @@ class Router:
                 continue
             return chosen
 
-    async def _route(self, task: ev.Task) -> None:
-        attempt = 1
-        timeout_s = task.timeout or self.settings.default_task_timeout_s
+    async def _route(self, task: ev.Task, first_attempt: int = 1) -> None:
+        """Route ``task`` until it is terminal: retry retryable failures elsewhere."""
         log_ = log.bind(eval_id=task.eval_id)
         try:
+            terminal = await self._attempts(task, first_attempt, log_)
+            await self._append_terminal(terminal)
+        except RECORDING_ERRORS as exc:
+            log_.error("task_outcome_not_recorded", error=str(exc))
+        finally:
+            self.reserved -= 1
+            self.leases.pop(task.eval_id, None)
+            await self.pool.notify()
+
+    async def _attempts(
+        self, task: ev.Task, first_attempt: int, log_: Any
+    ) -> ev.TaskCompleted | ev.TaskFailed:
+        settings = self.settings
+        timeout_s = task.timeout or settings.default_task_timeout_s
+        failures: list[ev.AttemptFailure] = []
+        avoid: set[str] = set()
+        attempt = first_attempt
+        while True:
             candidates = [x.candidate() for x in self.pool.executors]
-            chosen = await self._select()
+            chosen = await self._select(avoid)
             if chosen is None:
-                log_.warning("no_healthy_executor")
-                await self.store.append(
-                    ev.TaskFailed(
-                        eval_id=task.eval_id,
-                        attempt=attempt,
-                        reason=NO_HEALTHY_EXECUTOR,
-                        error="no healthy executor available",
-                    )
-                )
-                return
+                log_.warning("no_healthy_executor", attempt=attempt)
+                error = "no healthy executor available"
+                return ev.TaskFailed(
+                    eval_id=task.eval_id,
+                    attempt=attempt,
+                    reason=NO_HEALTHY_EXECUTOR,
+                    error=_with_history(error, failures),
+                    attempts=[*failures, ev.AttemptFailure(
+                        attempt=attempt, executor=None, reason=NO_HEALTHY_EXECUTOR, error=error
+                    )],
+                )  # fmt: skip
             try:
                 await self.store.append(
                     ev.ExecutorSelected(
@@ -256,39 +410,92 @@ class Router:
                 )
                 chosen.routed += 1
                 outcome = await execute(
-                    self.session, chosen.url, task, timeout_s, self.settings.dispatch_margin_s
+                    self.session, chosen.url, task, timeout_s, settings.dispatch_margin_s
                 )
             finally:
                 chosen.in_flight -= 1
             if isinstance(outcome, Executed):
                 log_.info("task_completed", executor=chosen.url, ms=round(outcome.duration_ms, 1))
-                terminal: ev.Event = ev.TaskCompleted(
+                return ev.TaskCompleted(
                     eval_id=task.eval_id,
                     executor=chosen.url,
                     attempt=attempt,
                     result=outcome.result,
                     duration_ms=outcome.duration_ms,
                 )
-            else:
-                assert isinstance(outcome, ExecutionFailed)
-                chosen.failures += 1
+            assert isinstance(outcome, ExecutionFailed)
+            chosen.failures += 1
+            if outcome.unreachable:
+                await self.pool.record_health(chosen, False, outcome.error, None)
+            error, _ = cap_text(outcome.error, settings.max_output_bytes)
+            failures.append(
+                ev.AttemptFailure(
+                    attempt=attempt, executor=chosen.url, reason=outcome.reason, error=error
+                )
+            )
+            if outcome.retryable and attempt < settings.max_attempts:
+                delay_ms = retry_delay_ms(
+                    attempt, settings.retry_base_ms, settings.retry_max_ms, self.rng
+                )
                 log_.warning(
-                    "task_failed", executor=chosen.url, reason=outcome.reason, error=outcome.error
-                )
-                if outcome.unreachable:
-                    await self.pool.record_health(chosen, False, outcome.error, None)
-                terminal = ev.TaskFailed(
-                    eval_id=task.eval_id,
+                    "task_retry_scheduled",
                     executor=chosen.url,
-                    attempt=attempt,
                     reason=outcome.reason,
-                    error=outcome.error,
-                    result=outcome.result,
-                    duration_ms=outcome.duration_ms,
+                    attempt=attempt + 1,
+                    delay_ms=delay_ms,
                 )
+                await self.store.append(
+                    ev.TaskRetryScheduled(
+                        eval_id=task.eval_id,
+                        executor=chosen.url,
+                        attempt=attempt + 1,
+                        delay_ms=delay_ms,
+                        reason=outcome.reason,
+                        error=error,
+                    )
+                )
+                await asyncio.sleep(delay_ms / 1000)
+                avoid = {chosen.url}
+                attempt += 1
+                continue
+            log_.warning("task_failed", executor=chosen.url, reason=outcome.reason, error=error)
+            return ev.TaskFailed(
+                eval_id=task.eval_id,
+                executor=chosen.url,
+                attempt=attempt,
+                reason=outcome.reason,
+                error=_with_history(error, failures[:-1]),
+                result=outcome.result,
+                duration_ms=outcome.duration_ms,
+                attempts=failures,
+            )
+
+    async def _append_terminal(self, terminal: ev.TaskCompleted | ev.TaskFailed) -> None:
+        """Append the outcome; a result too large for the stream is kept in full beside it."""
+        if terminal.result is None:
             await self.store.append(terminal)
-        except (aioredis.RedisError, OSError) as exc:
-            log_.error("task_outcome_not_recorded", error=str(exc))
-        finally:
-            self.reserved -= 1
-            await self.pool.notify()
+            return
+        capped, truncated = cap_result(terminal.result, self.settings.max_output_bytes)
+        if truncated:
+            key = self.store.keys.result(terminal.eval_id)
+            await self.store.redis.set(key, msgspec.json.encode(terminal.result), ex=RESULT_TTL_S)
+            terminal = msgspec.structs.replace(terminal, result=capped, truncated=True)
+        await self.store.append(terminal)
+
+
+def _with_history(error: str, earlier: list[ev.AttemptFailure]) -> str:
+    """The last error, followed by what each earlier attempt ran into."""
+    if not earlier:
+        return error
+    history = "; ".join(
+        f"attempt {f.attempt} on {f.executor}: {f.reason}: {f.error}" for f in earlier
+    )
+    return f"{error} (earlier: {history})"
+
+
+def parse_pulled(raws: list[Any]) -> ev.TaskPulled | None:
+    """The ``task.pulled`` event in an ``XRANGE id id`` answer, if it is one."""
+    entries = parse_entries(raws)
+    if entries and isinstance(entries[0].event, ev.TaskPulled):
+        return entries[0].event
+    return None

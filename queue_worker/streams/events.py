@@ -38,6 +38,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     engine: str = "docker"
     timeout: float | None = None
     priority: int | None = None
+    lease_s: float | None = None
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,12 +84,25 @@ class PullStarted(Event, frozen=True, kw_only=True, tag="pull.started"):
 
 class TaskPulled(Event, frozen=True, kw_only=True, tag="task.pulled"):
     """The queue handed us a task (it is now "running" there). Holds the task,
-    so a recovery can dispatch it again."""
+    so a recovery can dispatch it again; ``lease_s`` when the queue leased it."""
 
     eval_id: str
     pull_id: str
     task: Task
     code_bytes: int
+    lease_s: float | None = None
+
+
+class PullInterrupted(Event, frozen=True, kw_only=True, tag="pull.interrupted"):
+    """Found at start-up: a pull that had no outcome when the worker died.
+
+    The queue may have handed out a task that was never recorded; without a
+    lease it stays "running" there. ``queue_running`` is the queue's own count
+    of running tasks, when it reports one.
+    """
+
+    pull_id: str
+    queue_running: int | None = None
 
 
 class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
@@ -137,13 +151,28 @@ class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
-    """The executor answered ``status: completed``; ``result`` is its answer."""
+    """The executor answered ``status: completed``; ``result`` is its answer.
+
+    With ``truncated`` the output in ``result`` was cut to ``MAX_OUTPUT_BYTES``;
+    the full result is kept under ``{<prefix>}:result:<eval_id>`` for the
+    reporter and the publisher.
+    """
 
     eval_id: str
     executor: str
     attempt: int
     result: dict[str, Any]
     duration_ms: float
+    truncated: bool = False
+
+
+class AttemptFailure(msgspec.Struct, frozen=True, kw_only=True):
+    """One failed attempt of a task."""
+
+    attempt: int
+    executor: str | None
+    reason: str
+    error: str
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
@@ -156,6 +185,42 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     error: str
     result: dict[str, Any] | None = None
     duration_ms: float = 0.0
+    truncated: bool = False
+    attempts: list[AttemptFailure] = msgspec.field(default_factory=list)
+
+
+class TaskRetryScheduled(Event, frozen=True, kw_only=True, tag="task.retry_scheduled"):
+    """A retryable failure on ``executor``; attempt ``attempt`` follows after ``delay_ms``."""
+
+    eval_id: str
+    executor: str
+    attempt: int
+    delay_ms: float
+    reason: str
+    error: str
+
+
+class TaskRecovered(Event, frozen=True, kw_only=True, tag="task.recovered"):
+    """Found unfinished at start-up. ``action``: ``redispatch`` (run again as the
+    next attempt), ``fail`` (by ``RECOVERY_POLICY``), or ``lease_lost`` (the
+    queue took the task back: it will hand it out again)."""
+
+    eval_id: str
+    action: Literal["redispatch", "fail", "lease_lost"]
+    stage: str
+    previous_attempt: int
+
+
+class EntryDeadLettered(Event, frozen=True, kw_only=True, tag="entry.dead_lettered"):
+    """A projector could not handle an entry ``deliveries`` times; it was moved to
+    ``{<prefix>}:dead`` and acknowledged so the projector goes on."""
+
+    projector: str
+    entry_id: str
+    entry_type: str
+    eval_id: str | None = None
+    deliveries: int
+    error: str
 
 
 class TaskReported(Event, frozen=True, kw_only=True, tag="task.reported"):
@@ -180,6 +245,10 @@ AnyEvent = (
     WorkerStarted
     | WorkerStopped
     | PullStarted
+    | PullInterrupted
+    | TaskRetryScheduled
+    | TaskRecovered
+    | EntryDeadLettered
     | TaskPulled
     | TaskRejected
     | QueueUnreachable
@@ -196,6 +265,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     WorkerStarted,
     WorkerStopped,
     PullStarted,
+    PullInterrupted,
     TaskPulled,
     TaskRejected,
     QueueUnreachable,
@@ -204,8 +274,11 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TaskDispatched,
     TaskCompleted,
     TaskFailed,
+    TaskRetryScheduled,
+    TaskRecovered,
     TaskReported,
     ExecutorHealthChanged,
+    EntryDeadLettered,
 )
 
 TERMINAL_TYPES = frozenset({"task.completed", "task.failed"})

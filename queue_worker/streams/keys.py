@@ -20,5 +20,13 @@ class Keys:
     def events(self) -> str:
         return f"{{{self.prefix}}}:events"
 
+    @property
+    def dead_letters(self) -> str:
+        return f"{{{self.prefix}}}:dead"
+
+    def result(self, eval_id: str) -> str:
+        """Where a result too large for the stream is kept in full."""
+        return f"{{{self.prefix}}}:result:{eval_id}"
+
     publisher_group: str = "publisher"
     reporter_group: str = "reporter"

@@ -15,15 +15,18 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
-from queue_worker.streams.events import Entry
+from queue_worker.streams.events import Entry, EntryDeadLettered
 from queue_worker.streams.store import EventStore, RawEntry, parse_entry
 from queue_worker.streams.views import StatusView, apply
 
 log = structlog.get_logger(__name__)
+
+REDIS_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, OSError)
 
 Batch = list[tuple[str, Entry | None]]
 
@@ -60,7 +63,7 @@ class TailProjector:
                 resp = await redis.xread(
                     {self.store.keys.events: last}, count=self.batch, block=self.block_ms
                 )
-            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 log.warning("status_projector_redis_error", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
@@ -83,7 +86,13 @@ class TailProjector:
 
 
 class GroupProjector(ABC):
-    """A consumer-group reader whose ``handle`` performs an effect and acknowledges."""
+    """A consumer-group reader whose ``handle`` performs an effect and acknowledges.
+
+    When ``handle`` raises (anything but a lost Redis connection), the batch
+    stays pending; it comes back through the periodic claim, one entry at a
+    time, and an entry delivered more than ``max_deliveries`` times is moved
+    to the dead-letter stream with an ``entry.dead_lettered`` event.
+    """
 
     name: str = "projector"
 
@@ -96,6 +105,7 @@ class GroupProjector(ABC):
         block_ms: int = 1000,
         batch: int = 256,
         claim_idle_ms: int = 30_000,
+        max_deliveries: int = 5,
     ) -> None:
         self.store = store
         self.redis = store.redis
@@ -105,7 +115,10 @@ class GroupProjector(ABC):
         self.block_ms = block_ms
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
         self.handled = 0
+        self.failures = 0
+        self.dead_lettered = 0
         self.last_handled_id: str | None = None
 
     async def ensure_group(self) -> None:
@@ -123,13 +136,57 @@ class GroupProjector(ABC):
         if ids:
             await self.redis.xack(self.stream, self.group, *ids)
 
-    async def _dispatch(self, raws: list[RawEntry]) -> None:
+    async def _dispatch(self, raws: list[RawEntry]) -> bool:
+        """Handle ``raws`` as one batch; ``False`` (and left pending) when it failed."""
         if not raws:
-            return
+            return True
         batch: Batch = [(raw[0].decode(), parse_entry(raw)) for raw in raws]
-        await self.handle(batch)
+        try:
+            await self.handle(batch)
+        except REDIS_DOWN:
+            raise
+        except Exception as exc:  # left pending, retried by the claim: not lost
+            self.failures += 1
+            log.exception("projector_batch_failed", projector=self.name, error=str(exc))
+            return False
         self.handled += len(batch)
         self.last_handled_id = batch[-1][0]
+        return True
+
+    async def _redeliver(self, raws: list[RawEntry]) -> None:
+        """Handle entries delivered before, one at a time, dead-lettering the hopeless."""
+        for raw in raws:
+            entry_id = raw[0].decode()
+            info = await self.redis.xpending_range(
+                self.stream, self.group, min=entry_id, max=entry_id, count=1
+            )
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            if deliveries > self.max_deliveries:
+                await self._dead_letter(raw, deliveries)
+            else:
+                await self._dispatch([raw])
+
+    async def _dead_letter(self, raw: RawEntry, deliveries: int) -> None:
+        entry_id, fields = raw[0].decode(), raw[1]
+        entry = parse_entry(raw)
+        error = f"not handled after {deliveries} deliveries"
+        log.error("entry_dead_lettered", projector=self.name, entry_id=entry_id, error=error)
+        dead_fields: dict[Any, Any] = {
+            **fields, "entry_id": entry_id, "projector": self.name, "deliveries": deliveries,
+        }  # fmt: skip
+        await self.redis.xadd(self.store.keys.dead_letters, dead_fields)
+        await self.store.append(
+            EntryDeadLettered(
+                projector=self.name,
+                entry_id=entry_id,
+                entry_type=fields.get(b"type", b"").decode(),
+                eval_id=entry.event.eval_id_or_empty or None if entry else None,
+                deliveries=deliveries,
+                error=error,
+            )
+        )
+        await self.ack([entry_id])
+        self.dead_lettered += 1
 
     async def _read(self, start: str, block: int | None) -> list[RawEntry]:
         resp = await self.redis.xreadgroup(
@@ -144,13 +201,17 @@ class GroupProjector(ABC):
         return [r for r in raws if r[1]]
 
     async def _drain_own_pending(self) -> None:
+        """What this consumer read and did not acknowledge before (a crash, a failure)."""
+        after = "0"
         while True:
-            raws = await self._read("0", None)
+            raws = await self._read(after, None)
             if not raws:
                 return
-            await self._dispatch(raws)
+            await self._redeliver(raws)
+            after = raws[-1][0].decode()
 
-    async def _claim_abandoned(self) -> None:
+    async def _claim_idle(self) -> None:
+        """Take over entries pending longer than ``claim_idle_ms`` (any consumer's)."""
         cursor = "0-0"
         while True:
             resp = await self.redis.xautoclaim(
@@ -165,7 +226,7 @@ class GroupProjector(ABC):
             live = [r for r in raws if r and r[1]]
             if live:
                 log.info("pending_claimed", projector=self.name, entries=len(live))
-                await self._dispatch(live)
+                await self._redeliver(live)
             cursor = cursor_raw.decode() if isinstance(cursor_raw, bytes) else str(cursor_raw)
             if cursor == "0-0":
                 return
@@ -180,10 +241,10 @@ class GroupProjector(ABC):
                     await self._drain_own_pending()
                     recovered = True
                 if time.monotonic() >= next_claim:
-                    await self._claim_abandoned()
+                    await self._claim_idle()
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
                 await self._dispatch(await self._read(">", self.block_ms))
-            except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            except REDIS_DOWN as exc:
                 log.warning("projector_redis_error", projector=self.name, error=str(exc))
                 recovered = False
                 await asyncio.sleep(1.0)

@@ -35,13 +35,18 @@ class FailedMessage(msgspec.Struct, frozen=True):
 _encode = msgspec.json.Encoder().encode
 
 
-def message_for(event: ev.Event) -> tuple[str, bytes] | None:
-    """The (channel, payload) an event is published as, or ``None``."""
+def message_for(event: ev.Event, result: dict[str, Any] | None = None) -> tuple[str, bytes] | None:
+    """The (channel, payload) an event is published as, or ``None``.
+
+    ``result`` replaces the event's own (the full one when the stream's is truncated).
+    """
     match event:
         case ev.TaskCompleted():
-            return COMPLETED_CHANNEL, _encode(CompletedMessage(event.eval_id, event.result))
+            full = result if result is not None else event.result
+            return COMPLETED_CHANNEL, _encode(CompletedMessage(event.eval_id, full))
         case ev.TaskFailed():
-            return FAILED_CHANNEL, _encode(FailedMessage(event.eval_id, event.error, event.result))
+            full_or_none = result if result is not None else event.result
+            return FAILED_CHANNEL, _encode(FailedMessage(event.eval_id, event.error, full_or_none))
         case ev.TaskRejected(eval_id=str(eval_id)):
             error = f"invalid task payload: {event.reason}"
             return FAILED_CHANNEL, _encode(FailedMessage(eval_id, error, None))
@@ -56,7 +61,17 @@ class Publisher(GroupProjector):
         self.published = 0
 
     async def handle(self, batch: Batch) -> None:
-        messages = [m for _, entry in batch if entry and (m := message_for(entry.event))]
+        messages = []
+        for _, entry in batch:
+            if entry is None:
+                continue
+            event = entry.event
+            full = None
+            if isinstance(event, ev.TaskCompleted | ev.TaskFailed) and event.truncated:
+                full = await self.store.full_result(event)
+            message = message_for(event, full)
+            if message is not None:
+                messages.append(message)
         async with self.redis.pipeline(transaction=True) as pipe:
             for channel, payload in messages:
                 pipe.publish(channel, payload)

@@ -16,7 +16,15 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 
-from queue_worker.streams.events import Entry, Event, decode_event, encode_event
+from queue_worker.errors import QueueWorkerError
+from queue_worker.streams.events import (
+    Entry,
+    Event,
+    TaskCompleted,
+    TaskFailed,
+    decode_event,
+    encode_event,
+)
 from queue_worker.streams.keys import Keys
 
 log = structlog.get_logger(__name__)
@@ -59,19 +67,39 @@ def parse_entries(raws: Sequence[RawEntry]) -> list[Entry]:
     return [e for e in map(parse_entry, raws) if e is not None]
 
 
+class EventBufferFull(QueueWorkerError):
+    """Redis has been unreachable so long that the in-memory buffer is full."""
+
+
+class EventStoreStopped(QueueWorkerError):
+    """The store stopped before these events reached Redis."""
+
+
+TRANSIENT = (aioredis.ConnectionError, aioredis.TimeoutError, OSError)
+Pending = tuple[list[Event], "asyncio.Future[list[str]]"]
+
+
 class EventStore:
     """Append events (group-committed) and read them back.
 
-    ``redis`` must be a client created with ``decode_responses=False``.
+    ``redis`` must be a client created with ``decode_responses=False``. When
+    Redis is unreachable, appends wait (at most ``buffer_max`` events are held)
+    while the flusher reconnects with backoff; each batch is one ``MULTI``, so
+    it lands whole or not at all.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, worker_id: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, worker_id: str, *, buffer_max: int = 10_000
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.worker_id = worker_id
+        self.buffer_max = buffer_max
         self.appended = 0
         self.round_trips = 0
-        self._pending: list[tuple[list[Event], asyncio.Future[list[str]]]] = []
+        self.available = True
+        self.held = 0  # events waiting for Redis
+        self._pending: list[Pending] = []
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
@@ -85,62 +113,95 @@ class EventStore:
         flusher, self._flusher = self._flusher, None
         if flusher is None:
             return
-        self._wakeup.set()
         self._closing = True
+        self._wakeup.set()
         try:
             await asyncio.wait_for(flusher, timeout_s)
         except TimeoutError:
-            log.error("event_store_flush_timeout", pending=len(self._pending))
-        for _, fut in self._pending:
-            if not fut.done():
-                fut.set_exception(RuntimeError("event store stopped"))
-        self._pending.clear()
+            log.error("events_not_appended_at_stop", events=self.held)
 
     async def append(self, *events: Event) -> list[str]:
-        """Append ``events`` in order; return their stream ids once Redis has them."""
+        """Append ``events`` in order; return their stream ids once Redis has them.
+
+        Raises :class:`EventBufferFull` when Redis is down and the buffer is full.
+        """
         if self._flusher is None:
             return await self._write(list(events))
+        if self.held + len(events) > self.buffer_max:
+            raise EventBufferFull(f"{self.held} events wait for Redis; buffer is full")
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._pending.append((list(events), fut))
+        self.held += len(events)
         self._wakeup.set()
         return await asyncio.shield(fut)
 
     async def _flush_forever(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch, self._pending = self._pending, []
-            if not batch:
-                if self._closing:
-                    return
-                continue
-            try:
-                ids = await self._write([e for events, _ in batch for e in events])
-            except asyncio.CancelledError:
-                self._pending[:0] = batch
-                raise
-            except Exception as exc:  # not swallowed: each waiter gets it re-raised
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            offset = 0
-            for events, fut in batch:
-                if not fut.done():
-                    fut.set_result(ids[offset : offset + len(events)])
-                offset += len(events)
-            if self._closing:
-                self._wakeup.set()
+        batch: list[Pending] = []
+        backoff_s = 0.05
+        try:
+            while True:
+                if not batch:
+                    if self._closing and not self._pending:
+                        return
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+                batch, self._pending = batch + self._pending, []
+                if not batch:
+                    continue
+                events = [e for evs, _ in batch for e in evs]
+                try:
+                    ids = await self._write(events)
+                except TRANSIENT as exc:
+                    if self.available:
+                        log.error("redis_unreachable_holding_events", error=str(exc))
+                    self.available = False
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 2.0)
+                    continue
+                except Exception as exc:  # not swallowed: each waiter gets it re-raised
+                    self._settle(batch, exc)
+                    batch = []
+                    continue
+                if not self.available:
+                    log.info("redis_reachable_again", appended=len(events))
+                self.available, backoff_s = True, 0.05
+                self._settle(batch, ids)
+                batch = []
+        finally:
+            self._settle(batch + self._pending, EventStoreStopped("event store stopped"))
+            self._pending = []
+
+    def _settle(self, batch: list[Pending], outcome: list[str] | BaseException) -> None:
+        offset = 0
+        for events, fut in batch:
+            self.held -= len(events)
+            if not fut.done():
+                if isinstance(outcome, BaseException):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome[offset : offset + len(events)])
+            offset += len(events)
 
     async def _write(self, events: list[Event]) -> list[str]:
         ts = now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=len(events) > 1) as pipe:
             for event in events:
                 pipe.xadd(self.keys.events, to_fields(event, self.worker_id, ts))  # type: ignore[arg-type]
             ids: list[bytes] = await pipe.execute()
         self.appended += len(events)
         self.round_trips += 1
         return [i.decode() for i in ids]
+
+    async def full_result(self, event: TaskCompleted | TaskFailed) -> dict[str, Any] | None:
+        """The event's result, in full even when the stream holds it ``truncated``."""
+        if not event.truncated:
+            return event.result
+        raw = await self.redis.get(self.keys.result(event.eval_id))
+        if raw is None:
+            log.warning("full_result_missing", eval_id=event.eval_id)
+            return event.result
+        full: dict[str, Any] = msgspec.json.decode(raw)
+        return full
 
     async def read_range(
         self, start: str = "-", end: str = "+", *, batch: int = 1000

@@ -24,6 +24,10 @@ class Counters(msgspec.Struct):
     failed: int = 0
     reported: int = 0
     queue_errors: int = 0
+    retries: int = 0
+    recovered: int = 0
+    pulls_interrupted: int = 0
+    dead_lettered: int = 0
 
 
 class WorkerView(msgspec.Struct):
@@ -52,6 +56,8 @@ class TaskView(msgspec.Struct):
 
     worker_id: str
     pulled_ts: int
+    pulled_id: str
+    leased: bool = False
     stage: str = "pulled"
     executor: str | None = None
     attempt: int = 0
@@ -87,10 +93,13 @@ def _executor(view: StatusView, url: str) -> ExecutorView:
     return x
 
 
-def _finish(view: StatusView, eval_id: str, outcome: str) -> None:
-    task = view.in_flight.pop(eval_id, None)
+def _end_attempt(view: StatusView, task: TaskView | None) -> None:
     if task is not None and task.executor is not None and task.stage == "dispatched":
         _executor(view, task.executor).in_flight -= 1
+
+
+def _finish(view: StatusView, eval_id: str, outcome: str) -> None:
+    _end_attempt(view, view.in_flight.pop(eval_id, None))
     view.unreported[eval_id] = outcome
 
 
@@ -114,7 +123,16 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
         case ev.TaskPulled():
             c.pulled += 1
             w.open_pull = None
-            view.in_flight[e.eval_id] = TaskView(worker_id=entry.worker_id, pulled_ts=entry.ts)
+            view.in_flight[e.eval_id] = TaskView(
+                worker_id=entry.worker_id,
+                pulled_ts=entry.ts,
+                pulled_id=entry.id,
+                leased=e.lease_s is not None,
+            )
+        case ev.PullInterrupted():
+            c.pulls_interrupted += 1
+            if w.open_pull == e.pull_id:
+                w.open_pull = None
         case ev.TaskRejected():
             c.rejected += 1
             w.open_pull = None
@@ -154,6 +172,22 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             if e.executor is not None:
                 _executor(view, e.executor).failed += 1
             _finish(view, e.eval_id, "failed")
+        case ev.TaskRetryScheduled():
+            c.retries += 1
+            task = view.in_flight.get(e.eval_id)
+            _end_attempt(view, task)
+            if task is not None:
+                task.stage, task.attempt = "retrying", e.attempt
+        case ev.TaskRecovered():
+            c.recovered += 1
+            task = view.in_flight.get(e.eval_id)
+            if e.action == "lease_lost":
+                _end_attempt(view, view.in_flight.pop(e.eval_id, None))
+            elif task is not None:
+                _end_attempt(view, task)
+                task.stage, task.worker_id = "recovered", entry.worker_id
+        case ev.EntryDeadLettered():
+            c.dead_lettered += 1
         case ev.TaskReported():
             c.reported += 1
             view.unreported.pop(e.eval_id, None)
