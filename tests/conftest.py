@@ -39,8 +39,10 @@ def prefix() -> str:
 async def stack_factory(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
     stacks: list[Stack] = []
 
-    async def factory(*, start_worker: bool = True, **options: Any) -> Stack:
-        stack = make_stack(redis_url, prefix, **options)
+    async def factory(
+        *, start_worker: bool = True, redis: str | None = None, **options: Any
+    ) -> Stack:
+        stack = make_stack(redis or redis_url, prefix, **options)
         stacks.append(stack)
         return await stack.start(worker=start_worker)
 

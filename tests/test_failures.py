@@ -39,7 +39,11 @@ async def test_failing_code_is_failed_reported_and_published(stack_factory) -> N
 
 async def test_executor_answering_garbage_500_or_bad_status(stack_factory) -> None:
     stack: Stack = await stack_factory(
-        executor_options=[{"execute": "garbage"}, {"execute": "error500"}, {"execute": "bad_status"}],
+        executor_options=[
+            {"execute": "garbage"},
+            {"execute": "error500"},
+            {"execute": "bad_status"},
+        ],
         executor_capacity=1,
         retry_base_ms=10,
     )

@@ -1,9 +1,14 @@
-"""Simulated Executor Service: answers like a code executor but never runs the submitted code."""
+"""Simulated Executor Service: answers like a code executor but never runs the submitted code.
+
+The code may carry directives for tests and demos: ``SIMULATE_FAIL`` (status failed),
+``SIMULATE_TIMEOUT`` (status timeout) and ``SIMULATE_OUTPUT_BYTES=N`` (an output of N bytes).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final
@@ -14,6 +19,7 @@ from aiohttp import web
 HEALTH_MODES: Final = ("healthy", "unhealthy", "hang", "flap")
 EXECUTE_MODES: Final = ("normal", "error500", "garbage", "hang", "bad_status")
 HANG_S: Final = 3600.0
+MAX_SIMULATED_OUTPUT: Final = 16 << 20
 
 _Positive = msgspec.Meta(gt=0)
 
@@ -165,6 +171,9 @@ def _result(state: ExecutorState, body: ExecuteBody, failed: bool) -> dict[str, 
         "exit_code": 0,
         "executor_id": state.executor_id,
     }
+    size = re.search(r"SIMULATE_OUTPUT_BYTES=(\d+)", body.code)
+    if size:
+        result["output"] = "x" * min(int(size.group(1)), MAX_SIMULATED_OUTPUT)
     if "SIMULATE_TIMEOUT" in body.code:
         result.update(status="timeout", output="", error="execution timed out", exit_code=-1)
     elif failed:

@@ -44,12 +44,18 @@ class RedisServer:
     """Start with :meth:`start`, stop with :meth:`stop` (or SIGKILL with :meth:`kill`)."""
 
     def __init__(
-        self, *, port: int | None = None, directory: str | None = None, appendonly: bool = False
+        self,
+        *,
+        port: int | None = None,
+        directory: str | None = None,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
     ) -> None:
         self.port = port or free_port()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="qw-redis-")
         self.directory = directory or (self._tmp.name if self._tmp else ".")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.binary = find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -65,6 +71,7 @@ class RedisServer:
             "--dir", self.directory,
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--protected-mode", "no",
             "--loglevel", "warning",
         ]  # fmt: skip

@@ -40,6 +40,7 @@ NO_HEALTHY_EXECUTOR = "no_healthy_executor"
 # What may go wrong while recording: Redis itself, or the store giving up (stopped, buffer full).
 RECORDING_ERRORS = (aioredis.RedisError, OSError, QueueWorkerError)
 RESULT_TTL_S = 7 * 24 * 3600
+STOP_RECORD_TIMEOUT_S = 5.0
 
 
 def queue_backoff_s(consecutive_errors: int, step_s: float, max_s: float) -> float:
@@ -151,8 +152,9 @@ class Router:
         self._stopping = True
         await self.pool.notify()
         if running is not None:
-            if not self._in_pull:
-                running.cancel()
+            if self._in_pull:  # let the pull record its answer, unless it cannot (Redis down)
+                await asyncio.wait({running}, timeout=self.settings.queue_timeout_s + 1)
+            running.cancel()
             await asyncio.gather(running, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
@@ -161,8 +163,9 @@ class Router:
             task.cancel()
         await asyncio.gather(*left, *self._helpers, return_exceptions=True)
         try:
-            await self.store.append(ev.WorkerStopped(reason="shutdown", in_flight=len(left)))
-        except RECORDING_ERRORS as exc:
+            async with asyncio.timeout(STOP_RECORD_TIMEOUT_S):  # Redis may be down
+                await self.store.append(ev.WorkerStopped(reason="shutdown", in_flight=len(left)))
+        except (*RECORDING_ERRORS, TimeoutError) as exc:
             log.error("worker_stopped_not_recorded", error=str(exc))
 
     def _spawn(self, task: ev.Task, first_attempt: int = 1) -> None:
@@ -237,6 +240,9 @@ class Router:
             await self._wait_for_capacity()
             if self._stopping:
                 return
+            if not self.store.available:  # no pull while its events could not be recorded
+                await asyncio.sleep(0.2)
+                continue
             self._in_pull = True
             try:
                 errors, pause_s = await self._pull_once(errors)
@@ -333,7 +339,8 @@ class Router:
     async def _select(self, avoid: set[str]) -> ExecutorState | None:
         """Reserve a slot on a healthy executor, or ``None`` when none is healthy.
 
-        Executors in ``avoid`` are used only when no other one is healthy.
+        Executors in ``avoid`` (those a task already failed on) are used only when no
+        other one is healthy.
         """
         pool = self.pool
         while True:
@@ -343,10 +350,7 @@ class Router:
             pick_from = others if any(x.healthy for x in others) else pool.executors
             index = self.balancer.choose(pick_from)
             if index is None:  # all full: wait for a slot (or a health change)
-                async with pool.changed:
-                    await pool.changed.wait_for(
-                        lambda: not pool.any_healthy() or any(eligible(x) for x in pick_from)
-                    )
+                await self._wait_for_slot(pick_from)
                 continue
             chosen = pick_from[index]
             chosen.in_flight += 1
@@ -355,6 +359,13 @@ class Router:
                 await pool.notify()
                 continue
             return chosen
+
+    async def _wait_for_slot(self, executors: list[ExecutorState]) -> None:
+        pool = self.pool
+        async with pool.changed:
+            await pool.changed.wait_for(
+                lambda: not pool.any_healthy() or any(eligible(x) for x in executors)
+            )
 
     async def _route(self, task: ev.Task, first_attempt: int = 1) -> None:
         """Route ``task`` until it is terminal: retry retryable failures elsewhere."""
@@ -455,7 +466,7 @@ class Router:
                     )
                 )
                 await asyncio.sleep(delay_ms / 1000)
-                avoid = {chosen.url}
+                avoid.add(chosen.url)
                 attempt += 1
                 continue
             log_.warning("task_failed", executor=chosen.url, reason=outcome.reason, error=error)

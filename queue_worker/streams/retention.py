@@ -46,12 +46,14 @@ async def trim_point(store: EventStore, maxlen: int, protect: Iterable[str] = ()
     return None if id_key(point) <= (0, 0) else point
 
 
-async def trim(store: EventStore, maxlen: int, protect: Iterable[str] = ()) -> int:
-    """One retention round; returns the entries removed."""
+async def trim(
+    store: EventStore, maxlen: int, protect: Iterable[str] = (), *, approximate: bool = True
+) -> int:
+    """One retention round; returns the entries removed (approximate: whole nodes only)."""
     point = await trim_point(store, maxlen, protect)
     if point is None:
         return 0
-    removed: int = await store.redis.xtrim(store.keys.events, minid=point, approximate=True)
+    removed: int = await store.redis.xtrim(store.keys.events, minid=point, approximate=approximate)
     if removed:
         log.info("stream_trimmed", removed=removed, below=point)
     return removed

@@ -33,6 +33,11 @@ Fields = dict[bytes | str, bytes | str | int]
 RawEntry = tuple[bytes, dict[bytes, bytes]]
 
 
+def _retrieve(fut: asyncio.Future[list[str]]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -97,7 +102,7 @@ class EventStore:
         self.buffer_max = buffer_max
         self.appended = 0
         self.round_trips = 0
-        self.available = True
+        self.available = True  # False from a failed Redis call until the next one succeeds
         self.held = 0  # events waiting for Redis
         self._pending: list[Pending] = []
         self._wakeup = asyncio.Event()
@@ -130,6 +135,7 @@ class EventStore:
         if self.held + len(events) > self.buffer_max:
             raise EventBufferFull(f"{self.held} events wait for Redis; buffer is full")
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieve)  # a cancelled caller leaves nobody to read it
         self._pending.append((list(events), fut))
         self.held += len(events)
         self._wakeup.set()
@@ -152,9 +158,10 @@ class EventStore:
                 try:
                     ids = await self._write(events)
                 except TRANSIENT as exc:
-                    if self.available:
-                        log.error("redis_unreachable_holding_events", error=str(exc))
-                    self.available = False
+                    log.error(
+                        "redis_unreachable_holding_events", events=len(events), error=str(exc)
+                    )
+                    self.redis_state(ok=False)
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 2.0)
                     continue
@@ -162,14 +169,19 @@ class EventStore:
                     self._settle(batch, exc)
                     batch = []
                     continue
-                if not self.available:
-                    log.info("redis_reachable_again", appended=len(events))
-                self.available, backoff_s = True, 0.05
+                self.redis_state(ok=True)
+                backoff_s = 0.05
                 self._settle(batch, ids)
                 batch = []
         finally:
             self._settle(batch + self._pending, EventStoreStopped("event store stopped"))
             self._pending = []
+
+    def redis_state(self, *, ok: bool) -> None:
+        """What a Redis call just showed; every user of the connection reports it."""
+        if ok != self.available:
+            log.info("redis_reachable" if ok else "redis_unreachable", held_events=self.held)
+        self.available = ok
 
     def _settle(self, batch: list[Pending], outcome: list[str] | BaseException) -> None:
         offset = 0
