@@ -135,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from queue_worker.devstack.cli import register as register_devstack
     from queue_worker.openapi.cli import register as register_openapi
+    from queue_worker.ops import register as register_ops
 
     register_devstack(sub)
     register_openapi(sub)
+    register_ops(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
-from queue_worker.http import handlers
+from queue_worker.http import handlers, metrics
 from queue_worker.http.state import (
     LOOPS,
     PUBLISHER,
@@ -120,7 +120,9 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def status_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    projector = TailProjector(app[STORE], block_ms=settings.projector_block_ms)
+    projector = TailProjector(
+        app[STORE], block_ms=settings.projector_block_ms, on_entry=[app[metrics.METRICS].observe]
+    )
     await projector.replay()
     app[STATUS] = projector
     _start_loop(app, "status", projector.run())
@@ -197,7 +199,10 @@ async def json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return handlers.error_response(exc.status, exc.reason, exc.text)
+        response = handlers.error_response(exc.status, exc.reason, exc.text)
+        if "Allow" in exc.headers:  # 405: the methods the path supports (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (aioredis.RedisError, OSError) as exc:
         log.warning("request_redis_error", path=request.path, error=str(exc))
         return handlers.error_response(503, "Service Unavailable", "Redis is unreachable")
@@ -213,5 +218,6 @@ def create_app(settings: Settings) -> web.Application:
         [redis_ctx, session_ctx, store_ctx, status_ctx, projectors_ctx, retention_ctx, router_ctx]
     )
     handlers.register(app)
+    metrics.register(app)
     openapi_routes.register(app)
     return app

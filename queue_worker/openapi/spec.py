@@ -213,6 +213,14 @@ def _register_paths(spec: APISpec, examples: dict[str, Any]) -> None:
         "MethodNotAllowed",
         {
             "description": "The path exists, but not for this method (e.g. `POST`, `HEAD`).",
+            "headers": {
+                "Allow": {
+                    "description": "The methods this path supports (RFC 9110), e.g. `GET`.",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "example": "GET",
+                }
+            },
             "content": _json("ErrorResponse", examples["not_allowed"]),
         },
     )
@@ -269,16 +277,43 @@ def _register_paths(spec: APISpec, examples: dict[str, Any]) -> None:
             }
         },
     )
+    spec.path(
+        path="/metrics",
+        operations={
+            "get": {
+                "tags": ["monitoring"],
+                "summary": "Prometheus metrics",
+                "operationId": "getMetrics",
+                "description": "Counters and histograms folded from the event stream (tasks by "
+                "outcome and executor, routing failures, events by type, task duration, routing "
+                "overhead) and live gauges (executor health and in-flight, queue polls, "
+                "publishes, stream length, projector lag), in the Prometheus text format.",
+                "responses": {
+                    "200": {
+                        "description": "The metrics.",
+                        "content": {
+                            "text/plain": {
+                                "schema": {"type": "string"},
+                                "example": "queue_worker_stream_length 42.0\n",
+                            }
+                        },
+                    },
+                    **errors,
+                },
+            }
+        },
+    )
     doc = {"openapi": OPENAPI_VERSION, "info": {"title": TITLE, "version": __version__}}
     html = '<!doctype html><html lang="en"><head><meta charset="utf-8">...</html>'
     spec.path(
         path="/openapi.json",
         operations=_doc_operation("This document as JSON", "application/json", doc, "object"),
     )
-    yaml_doc = f"openapi: {OPENAPI_VERSION}\ninfo:\n  title: {TITLE}\n  version: {__version__}\n"
+    # YAML is a serialization of the same object (clients such as schemathesis parse it as
+    # one), so its schema and example are the object's, like JSON's.
     spec.path(
         path="/openapi.yaml",
-        operations=_doc_operation("This document as YAML", "application/yaml", yaml_doc, "string"),
+        operations=_doc_operation("This document as YAML", "application/yaml", doc, "object"),
     )
     spec.path(path="/docs", operations=_doc_operation("Swagger UI", "text/html", html, "string"))
     spec.path(path="/redoc", operations=_doc_operation("ReDoc", "text/html", html, "string"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,9 +34,17 @@ Batch = list[tuple[str, Entry | None]]
 class TailProjector:
     """Keeps ``view`` folded up to the stream's last entry."""
 
-    def __init__(self, store: EventStore, *, block_ms: int = 1000, batch: int = 1000) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        block_ms: int = 1000,
+        batch: int = 1000,
+        on_entry: Sequence[Callable[[Entry], None]] = (),
+    ) -> None:
         self.store = store
         self.view = StatusView()
+        self.on_entry = list(on_entry)  # called with every entry folded, replay included
         self.block_ms = block_ms
         self.batch = batch
         self.replayed = asyncio.Event()
@@ -44,10 +52,15 @@ class TailProjector:
         self.replay_events = 0
         self._changed = asyncio.Condition()
 
+    def _apply(self, entry: Entry) -> None:
+        apply(self.view, entry)
+        for observe in self.on_entry:
+            observe(entry)
+
     async def replay(self) -> None:
         started = time.perf_counter()
         async for entry in self.store.read_range(batch=self.batch):
-            apply(self.view, entry)
+            self._apply(entry)
         self.replay_seconds = time.perf_counter() - started
         self.replay_events = self.view.events
         self.replayed.set()
@@ -64,16 +77,18 @@ class TailProjector:
                     {self.store.keys.events: last}, count=self.batch, block=self.block_ms
                 )
             except REDIS_DOWN as exc:
+                self.store.redis_state(ok=False)
                 log.warning("status_projector_redis_error", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
+            self.store.redis_state(ok=True)
             if not resp:
                 continue
             for _stream, raws in resp:
                 for raw in raws:
                     entry = parse_entry(raw)
                     if entry is not None:
-                        apply(self.view, entry)
+                        self._apply(entry)
                     else:
                         self.view.last_id = raw[0].decode()
             async with self._changed:
@@ -245,6 +260,7 @@ class GroupProjector(ABC):
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
                 await self._dispatch(await self._read(">", self.block_ms))
             except REDIS_DOWN as exc:
+                self.store.redis_state(ok=False)
                 log.warning("projector_redis_error", projector=self.name, error=str(exc))
                 recovered = False
                 await asyncio.sleep(1.0)

@@ -1,0 +1,358 @@
+"""The OpenAPI document against a live worker: schemathesis, and the docs pages in Chromium.
+
+Both talk to a real worker started by ``stack_factory`` (Redis, the devstack queue and
+executors). schemathesis calls the API from a worker thread (``asyncio.to_thread``), and
+Chromium runs as a subprocess, so the event loop keeps serving the app meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hypothesis
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase
+from hypothesis import strategies as st
+from schemathesis import APIOperation, Case, GenerationMode
+from schemathesis.core.result import Ok
+from schemathesis.errors import FailureGroup
+from schemathesis.specs.openapi.checks import response_schema_conformance
+
+from tests.harness import Stack, eventually
+
+# Per operation and generation mode; the operations take no input today, so Hypothesis
+# exhausts them long before this, but it bounds the run once they take parameters.
+MAX_EXAMPLES = 30
+REQUEST_TIMEOUT_S = 10.0
+# /health answers 503 when the worker cannot make progress; documented, so not a server error.
+SCHEMATHESIS_CONFIG = {
+    "operations": [
+        {
+            "include-name": "GET /health",
+            "checks": {"not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}},
+        }
+    ]
+}
+DOCUMENTED = {"/health", "/status", "/metrics", "/openapi.json", "/openapi.yaml", "/docs", "/redoc"}
+UNDECLARED = {"POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+
+Operation = APIOperation[Any, Any, Any, Any]
+ACase = Case[Any]
+
+
+# --- schemathesis ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Calls cases on the live app and validates every response with schemathesis' checks
+    (all of its built-in checks: not a server error, status code, content type, headers and
+    body conforming to the document, undeclared methods, ...). Failures are collected, so one
+    run reports them all."""
+
+    base_url: str
+    session: requests.Session = field(default_factory=requests.Session)
+    failures: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)  # first full report per failure code
+    statuses: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+
+    def __call__(self, case: ACase, **validate: Any) -> schemathesis.Response:
+        response = case.call(
+            base_url=self.base_url, session=self.session, timeout=REQUEST_TIMEOUT_S
+        )
+        request = f"{case.method} {case.formatted_path} -> {response.status_code}"
+        self.statuses[(case.method, case.path, response.status_code)] += 1
+        try:
+            case.validate_response(response, **validate)
+        except FailureGroup as group:
+            for failure in group.exceptions:
+                summary = failure.message.strip().splitlines()[0] if failure.message else ""
+                self.failures.append(f"{request}: {failure.code} {failure.title}: {summary}")
+                self.details.setdefault(failure.code, f"{request}\n{group}")
+        return response
+
+    def fail(self, request: str, message: str) -> None:
+        self.failures.append(f"{request}: {message}")
+
+    def assert_ok(self) -> None:
+        report = "\n".join(self.failures) + "\n\n" + "\n\n".join(self.details.values())
+        assert not self.failures, f"schemathesis found {len(self.failures)} problems:\n{report}"
+
+
+async def live_schema(stack: Stack) -> tuple[schemathesis.BaseSchema, list[Operation]]:
+    """The document the live app serves, loaded by schemathesis, with every operation in it.
+
+    Loaded from the fetched dict rather than ``from_url``: schemathesis leaves out the
+    operation its schema came from, and ``GET /openapi.json`` must be tested too.
+    """
+    assert stack.worker is not None
+    status, raw = await stack.get_json("/openapi.json")
+    assert status == 200
+    assert raw["servers"] == [{"url": stack.worker.url}]
+    config = schemathesis.Config.from_dict(SCHEMATHESIS_CONFIG)
+    schema = schemathesis.openapi.from_dict(raw, config=config)
+    schema.config.update(base_url=stack.worker.url)
+    results = list(schema.get_all_operations())
+    operations = [result.ok() for result in results if isinstance(result, Ok)]
+    assert len(operations) == len(results), results
+    assert {(op.method.upper(), op.path) for op in operations} == {("GET", p) for p in DOCUMENTED}
+    return schema, operations
+
+
+def coverage_cases(schema: schemathesis.BaseSchema, operation: Operation) -> Iterator[ACase]:
+    """schemathesis' coverage phase: boundary values, malformed headers, undeclared methods."""
+    generation = schema.config.generation_for(operation=operation, phase="coverage")
+    yield from schema.iter_coverage_cases(
+        operation, generation_modes=list(GenerationMode), generation_config=generation
+    )
+
+
+def generate(strategy: st.SearchStrategy[ACase], run: Callable[[ACase], object]) -> None:
+    """Run up to ``MAX_EXAMPLES`` cases drawn from ``strategy`` (no shrinking: every failure
+    is collected by ``run``, none raised)."""
+
+    @hypothesis.settings(
+        max_examples=MAX_EXAMPLES,
+        phases=[Phase.explicit, Phase.generate],
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @hypothesis.given(case=strategy)
+    def generated(case: ACase) -> None:
+        run(case)
+
+    generated()
+
+
+def fuzz(operation: Operation, run: Callable[[ACase], object]) -> None:
+    """schemathesis' examples and fuzzing phases for one operation: the documented request
+    examples, generated valid requests and, when it takes any input, invalid ones."""
+    examples = operation.get_strategies_from_examples()
+    if examples:
+        generate(st.one_of(examples), run)
+    has_inputs = any(True for _ in operation.iter_parameters()) or any(True for _ in operation.body)
+    for mode in list(GenerationMode) if has_inputs else [GenerationMode.POSITIVE]:
+        generate(operation.as_strategy(generation_mode=mode), run)
+
+
+def conformance(schema: schemathesis.BaseSchema, operations: list[Operation], run: Run) -> None:
+    for operation in operations:
+        for case in coverage_cases(schema, operation):
+            if case.method.upper() == operation.method.upper():
+                run(case)
+        fuzz(operation, run)
+
+
+def undeclared_methods(
+    schema: schemathesis.BaseSchema, operations: list[Operation], run: Run
+) -> dict[str, set[str]]:
+    """Every method a path does not document, as the coverage phase sends them, plus HEAD."""
+    sent: dict[str, set[str]] = {}
+    for operation in operations:
+        methods = sent.setdefault(operation.path, set())
+        for case in coverage_cases(schema, operation):
+            if case.method.upper() != operation.method.upper():
+                methods.add(case.method.upper())
+                run(case)
+        # HEAD is left out by the coverage phase; a HEAD response has no body to validate.
+        head = schema.make_case(operation=operation, method="HEAD")
+        response = run(head, excluded_checks=[response_schema_conformance])
+        methods.add("HEAD")
+        assert response.status_code == 405, (operation.path, response.status_code)
+        # Names are lower-cased here; a missing Allow is already reported (required in the spec).
+        allow = ",".join(response.headers.get("allow", []))
+        if allow and {m.strip().upper() for m in allow.split(",")} != {operation.method.upper()}:
+            run.fail(f"HEAD {operation.path} -> 405", f"Allow: {allow}, not the documented methods")
+    return sent
+
+
+async def test_schemathesis_operations_conform(stack_factory) -> None:
+    """Every documented operation: no 5xx, status, content type, headers and body as documented."""
+    stack: Stack = await stack_factory()
+    assert stack.worker is not None
+    await eventually(lambda: _health_is(stack, 200))
+    schema, operations = await live_schema(stack)
+    run = Run(stack.worker.url)
+    await asyncio.to_thread(conformance, schema, operations, run)
+    run.assert_ok()
+    ok = {path for method, path, status in run.statuses if method == "GET" and status == 200}
+    assert ok == DOCUMENTED, run.statuses
+
+    # The documented 503 of /health: no executor left, so the worker cannot make progress.
+    for executor in stack.executors:
+        await executor.stop()
+    await eventually(lambda: _health_is(stack, 503))
+    health = next(op for op in operations if op.path == "/health")
+    cases = [c for c in coverage_cases(schema, health) if c.method == "GET"]
+    responses = await asyncio.to_thread(lambda: [run(case) for case in cases])
+    run.assert_ok()
+    assert responses
+    assert {r.status_code for r in responses} == {503}
+
+
+async def test_schemathesis_undeclared_methods(stack_factory) -> None:
+    """Methods a path does not document get the documented 405, with ``Allow`` (RFC 9110)."""
+    stack: Stack = await stack_factory()
+    assert stack.worker is not None
+    schema, operations = await live_schema(stack)
+    run = Run(stack.worker.url)
+    sent = await asyncio.to_thread(undeclared_methods, schema, operations, run)
+    assert {path: UNDECLARED | {"HEAD"} <= methods for path, methods in sent.items()} == {
+        path: True for path in DOCUMENTED
+    }
+    assert {status for _, _, status in run.statuses} == {405}, run.statuses
+    run.assert_ok()
+
+
+async def _health_is(stack: Stack, expected: int) -> bool:
+    status, _ = await stack.get_json("/health")
+    return status == expected
+
+
+# --- Chromium --------------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_TIMEOUT_S = 90.0
+# Only 127.0.0.1 resolves: a page that needed a CDN would fail to render.
+LOOPBACK_ONLY = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+WINDOW = (1200, 800)
+# What each viewer renders from the document (none of it is in the page's own HTML), and
+# what it shows when it could not load the document.
+PAGES = {
+    "/docs": (
+        ['data-path="/health"', 'data-path="/status"', "Service health with executor status"],
+        ["Failed to load API definition", "Fetch error"],
+    ),
+    "/redoc": (
+        ["/health", "/status", "Service health with executor status"],
+        ["Something went wrong", "Error downloading"],
+    ),
+}
+
+
+def chromium() -> Path:
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(
+            f"{CHROMIUM} not found: the docs pages are tested in headless Chromium; install "
+            "Debian's package (apt-get install chromium), as .ci/run does"
+        )
+    return CHROMIUM
+
+
+async def run_chromium(profile: Path, *args: str) -> bytes:
+    """Headless Chromium on loopback only, with a fresh profile; its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        str(chromium()),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        LOOPBACK_ONLY,
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), CHROMIUM_TIMEOUT_S)
+    except TimeoutError:
+        raise AssertionError(f"chromium {args} did not finish in {CHROMIUM_TIMEOUT_S}s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, f"chromium {args} exited {proc.returncode}: {err.decode()[-2000:]}"
+    return out
+
+
+@dataclass(frozen=True)
+class Png:
+    width: int
+    height: int
+    rows: list[bytes]  # filtered scanlines, each with its filter-type byte
+
+
+def read_png(data: bytes) -> Png:
+    """An 8-bit RGB or RGBA PNG's size and (still filtered) scanlines, with the stdlib only."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, header, idat = 8, b"", b""
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            idat += body
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    channels = {2: 3, 6: 4}.get(color)
+    assert depth == 8 and channels is not None and interlace == 0, (depth, color, interlace)
+    raw = zlib.decompress(idat)
+    stride = 1 + width * channels
+    assert len(raw) == stride * height
+    return Png(width, height, [raw[i : i + stride] for i in range(0, len(raw), stride)])
+
+
+def test_read_png_tells_blank_from_drawn() -> None:
+    """The blank check below on PNGs made here: one colour, and a gradient."""
+
+    def png(rows: list[bytes], width: int) -> bytes:
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            crc = zlib.crc32(kind + body)
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+        header = struct.pack(">IIBBBBB", width, len(rows), 8, 2, 0, 0, 0)
+        image = zlib.compress(b"".join(b"\0" + row for row in rows))
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", image)
+
+    blank = read_png(png([b"\xff" * 300] * 200, 100))
+    assert (blank.width, blank.height) == (100, 200)
+    assert not looks_drawn(blank)
+    drawn = read_png(png([bytes((x * y) % 256 for x in range(300)) for y in range(200)], 100))
+    assert looks_drawn(drawn)
+
+
+def looks_drawn(png: Png) -> bool:
+    """Not blank: a one-colour image has identical scanlines made of a handful of byte values
+    (filtered or not); a rendered page has hundreds of distinct lines and all 256 values."""
+    distinct_rows = len(set(png.rows))
+    distinct_bytes = len(set(b"".join(png.rows)))
+    return distinct_rows >= png.height // 8 and distinct_bytes >= 128
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+async def test_docs_page_renders_in_chromium(stack_factory, tmp_path: Path, page: str) -> None:
+    """The viewer renders the operations from local files only (no CDN), and is not blank."""
+    chromium()
+    stack: Stack = await stack_factory()
+    assert stack.worker is not None
+    url = stack.worker.url + page
+    dom = (await run_chromium(tmp_path / "profile-dom", "--dump-dom", url)).decode()
+    shown, errors = PAGES[page]
+    missing = [text for text in shown if text not in dom]
+    assert not missing, f"{page} does not show {missing}; DOM:\n{dom[:3000]}"
+    assert not [text for text in errors if text in dom], dom[:3000]
+
+    shot = tmp_path / "page.png"
+    size = "--window-size={},{}".format(*WINDOW)
+    await run_chromium(tmp_path / "profile-shot", f"--screenshot={shot}", size, url)
+    image = read_png(shot.read_bytes())
+    assert (image.width, image.height) == WINDOW
+    assert looks_drawn(image), f"{page}: the screenshot {shot} looks blank"
