@@ -1,0 +1,1 @@
+"""Benchmarks of the queue worker (``python -m bench.run``); see docs/PERFORMANCE.md."""
