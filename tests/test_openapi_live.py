@@ -8,7 +8,6 @@ Chromium runs as a subprocess, so the event loop keeps serving the app meanwhile
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import zlib
 from collections import Counter
@@ -28,6 +27,7 @@ from schemathesis.core.result import Ok
 from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
+from tests.browser import WINDOW, chromium, looks_drawn, read_png, run_chromium
 from tests.harness import Stack, eventually
 
 # Per operation and generation mode; the operations take no input today, so Hypothesis
@@ -223,11 +223,6 @@ async def _health_is(stack: Stack, expected: int) -> bool:
 
 # --- Chromium --------------------------------------------------------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_TIMEOUT_S = 90.0
-# Only 127.0.0.1 resolves: a page that needed a CDN would fail to render.
-LOOPBACK_ONLY = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
-WINDOW = (1200, 800)
 # What each viewer renders from the document (none of it is in the page's own HTML), and
 # what it shows when it could not load the document.
 PAGES = {
@@ -240,74 +235,6 @@ PAGES = {
         ["Something went wrong", "Error downloading"],
     ),
 }
-
-
-def chromium() -> Path:
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(
-            f"{CHROMIUM} not found: the docs pages are tested in headless Chromium; install "
-            "Debian's package (apt-get install chromium), as .ci/run does"
-        )
-    return CHROMIUM
-
-
-async def run_chromium(profile: Path, *args: str) -> bytes:
-    """Headless Chromium on loopback only, with a fresh profile; its stdout."""
-    proc = await asyncio.create_subprocess_exec(
-        str(chromium()),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        LOOPBACK_ONLY,
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=10000",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), CHROMIUM_TIMEOUT_S)
-    except TimeoutError:
-        raise AssertionError(f"chromium {args} did not finish in {CHROMIUM_TIMEOUT_S}s") from None
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, f"chromium {args} exited {proc.returncode}: {err.decode()[-2000:]}"
-    return out
-
-
-@dataclass(frozen=True)
-class Png:
-    width: int
-    height: int
-    rows: list[bytes]  # filtered scanlines, each with its filter-type byte
-
-
-def read_png(data: bytes) -> Png:
-    """An 8-bit RGB or RGBA PNG's size and (still filtered) scanlines, with the stdlib only."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    pos, header, idat = 8, b"", b""
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-        if kind == b"IHDR":
-            header = body
-        elif kind == b"IDAT":
-            idat += body
-    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", header)
-    channels = {2: 3, 6: 4}.get(color)
-    assert depth == 8 and channels is not None and interlace == 0, (depth, color, interlace)
-    raw = zlib.decompress(idat)
-    stride = 1 + width * channels
-    assert len(raw) == stride * height
-    return Png(width, height, [raw[i : i + stride] for i in range(0, len(raw), stride)])
 
 
 def test_read_png_tells_blank_from_drawn() -> None:
@@ -327,14 +254,6 @@ def test_read_png_tells_blank_from_drawn() -> None:
     assert not looks_drawn(blank)
     drawn = read_png(png([bytes((x * y) % 256 for x in range(300)) for y in range(200)], 100))
     assert looks_drawn(drawn)
-
-
-def looks_drawn(png: Png) -> bool:
-    """Not blank: a one-colour image has identical scanlines made of a handful of byte values
-    (filtered or not); a rendered page has hundreds of distinct lines and all 256 values."""
-    distinct_rows = len(set(png.rows))
-    distinct_bytes = len(set(b"".join(png.rows)))
-    return distinct_rows >= png.height // 8 and distinct_bytes >= 128
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))

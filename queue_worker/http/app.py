@@ -19,7 +19,7 @@ from aiohttp import web
 
 from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
-from queue_worker.http import handlers, metrics
+from queue_worker.http import dashboard, handlers, metrics
 from queue_worker.http.state import (
     LOOPS,
     PUBLISHER,
@@ -219,5 +219,6 @@ def create_app(settings: Settings) -> web.Application:
     )
     handlers.register(app)
     metrics.register(app)
+    dashboard.register(app)
     openapi_routes.register(app)
     return app

@@ -151,6 +151,9 @@ def _examples() -> dict[str, Any]:
         ),
         "status": status,
         "not_found": s.ErrorResponse(error="Not Found", status=404, detail="404: Not Found"),
+        "bad_request": s.ErrorResponse(
+            error="Bad Request", status=400, detail="last must be a whole number from 0 to 1000"
+        ),
         "not_allowed": s.ErrorResponse(
             error="Method Not Allowed", status=405, detail="405: Method Not Allowed"
         ),
@@ -297,6 +300,81 @@ def _register_paths(spec: APISpec, examples: dict[str, Any]) -> None:
                                 "example": "queue_worker_stream_length 42.0\n",
                             }
                         },
+                    },
+                    **errors,
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/",
+        operations={
+            "get": {
+                "tags": ["monitoring"],
+                "summary": "Redirect to the dashboard",
+                "operationId": "getRoot",
+                "responses": {
+                    "302": {
+                        "description": "To `/dashboard`.",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                    },
+                    **errors,
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/dashboard",
+        operations={
+            "get": {
+                "tags": ["monitoring"],
+                "summary": "Live dashboard",
+                "operationId": "getDashboard",
+                "description": "Executors (health, in flight, latency, routed), counters, "
+                "throughput over the last minutes and a live tail of the event stream. "
+                "Served by the worker itself; no CDN.",
+                "responses": {
+                    "200": {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **errors,
+                },
+            }
+        },
+    )
+    spec.path(
+        path="/events/stream",
+        operations={
+            "get": {
+                "tags": ["monitoring"],
+                "summary": "The event stream, live, as Server-Sent Events",
+                "operationId": "getEventStream",
+                "description": "The last `last` entries, then every new one as it is "
+                "appended. Each message's `id` is the stream id (send it back as "
+                "`Last-Event-ID` to resume) and its `data` is "
+                "`{\"id\", \"ts\", \"worker_id\", \"event\": <StreamEvent>}`.",
+                "parameters": [
+                    {
+                        "name": "last",
+                        "in": "query",
+                        "required": False,
+                        "description": "Entries to send first (0 to 1000).",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An endless `text/event-stream`.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "400": {
+                        "description": "`last` is not a whole number from 0 to 1000.",
+                        "content": _json("ErrorResponse", examples["bad_request"]),
+                    },
+                    "503": {
+                        "description": "Too many live streams at once, or Redis unreachable.",
+                        "content": _json("ErrorResponse", examples["redis_down"]),
                     },
                     **errors,
                 },
