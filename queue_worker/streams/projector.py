@@ -36,6 +36,7 @@ async def linger(raws: Sequence[object], batch: int, linger_s: float) -> None:
     if raws and len(raws) < batch and linger_s > 0:
         await asyncio.sleep(linger_s)
 
+
 Batch = list[tuple[str, Entry | None]]
 
 
