@@ -353,7 +353,7 @@ def _register_paths(spec: APISpec, examples: dict[str, Any]) -> None:
                 "description": "The last `last` entries, then every new one as it is "
                 "appended. Each message's `id` is the stream id (send it back as "
                 "`Last-Event-ID` to resume) and its `data` is "
-                "`{\"id\", \"ts\", \"worker_id\", \"event\": <StreamEvent>}`.",
+                '`{"id", "ts", "worker_id", "event": <StreamEvent>}`.',
                 "parameters": [
                     {
                         "name": "last",
