@@ -59,19 +59,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _audit(settings: Settings, eval_id: str, as_json: bool) -> int:
     from queue_worker.streams.audit import format_history, history, history_json
+    from queue_worker.streams.connection import open_redis
     from queue_worker.streams.keys import Keys
     from queue_worker.streams.store import EventStore
 
-    redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        store = EventStore(redis, Keys(settings.stream_prefix), settings.worker_id)
-        entries = await history(store, eval_id)
+        redis = await open_redis(settings.redis_url)
+        try:
+            store = EventStore(redis, Keys(settings.stream_prefix), settings.worker_id)
+            entries = await history(store, eval_id)
+        finally:
+            await redis.aclose()
     except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
         raise QueueWorkerError(
             f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
         ) from exc
-    finally:
-        await redis.aclose()
     if as_json:
         sys.stdout.write(msgspec.json.encode(history_json(entries)).decode() + "\n")
     else:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
+from queue_worker.streams.connection import open_redis
 from queue_worker.streams.events import Entry
 from queue_worker.streams.keys import Keys
 from queue_worker.streams.store import EventStore, RawEntry, parse_entry
@@ -43,15 +44,16 @@ def _emit(data: object) -> None:
 
 async def _with_store(work: Callable[[EventStore], Awaitable[int]]) -> int:
     settings = Settings.from_env()
-    redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
     try:
-        return await work(EventStore(redis, Keys(settings.stream_prefix), settings.worker_id))
+        redis = await open_redis(settings.redis_url)
+        try:
+            return await work(EventStore(redis, Keys(settings.stream_prefix), settings.worker_id))
+        finally:
+            await redis.aclose()
     except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
         raise QueueWorkerError(
             f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
         ) from exc
-    finally:
-        await redis.aclose()
 
 
 # --- tail ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from queue_worker.devstack.redis import RedisServer
 from queue_worker.logs import configure_logging
+from tests.cluster import RedisClusterProcesses
 from tests.harness import Stack, make_stack
 
 
@@ -27,6 +28,16 @@ def redis_url() -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A three-master Redis Cluster spawned for this session (any node's URL)."""
+    cluster = RedisClusterProcesses().start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.close()
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from queue_worker.devstack.executor import EXECUTOR_STATE, ExecutorState, create
 from queue_worker.devstack.queue import QUEUE_STATE, QueueState, create_queue_app
 from queue_worker.devstack.serve import Server
 from queue_worker.http.app import create_app
+from queue_worker.streams.connection import RedisClient, open_redis
 from queue_worker.streams.events import Entry
 from queue_worker.streams.keys import COMPLETED_CHANNEL, FAILED_CHANNEL, Keys
 from queue_worker.streams.store import EventStore
@@ -47,14 +48,14 @@ class Stack:
     settings: Settings
     worker: Server | None = None
     http: aiohttp.ClientSession = field(init=False)
-    redis: aioredis.Redis = field(init=False)
+    redis: RedisClient = field(init=False)
     store: EventStore = field(init=False)
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _listener: asyncio.Task[None] | None = None
 
     async def start(self, *, worker: bool = True) -> Stack:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        self.redis = aioredis.Redis.from_url(self.redis_url)
+        self.redis = await open_redis(self.redis_url)
         self.store = EventStore(self.redis, Keys(self.prefix), "test")
         await self.queue.start()
         for x in self.executors:
@@ -78,7 +79,9 @@ class Stack:
             self.worker = None
 
     async def _listen(self, ready: asyncio.Event) -> None:
-        pubsub = self.redis.pubsub()
+        # A plain client on the URL's node: in a cluster, messages reach every node.
+        client = aioredis.Redis.from_url(self.redis_url)
+        pubsub = client.pubsub()
         await pubsub.subscribe(COMPLETED_CHANNEL, FAILED_CHANNEL)
         ready.set()
         try:
@@ -89,6 +92,7 @@ class Stack:
                         self.messages.append((msg["channel"].decode(), payload))
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await client.aclose()
 
     async def close(self) -> None:
         await self.stop_worker()

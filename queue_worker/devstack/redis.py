@@ -7,6 +7,7 @@ ships, so the demo and the tests need nothing but ``pip install``.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,12 +51,14 @@ class RedisServer:
         directory: str | None = None,
         appendonly: bool = False,
         appendfsync: str = "everysec",
+        cluster: bool = False,
     ) -> None:
-        self.port = port or free_port()
+        self.port = port or (_free_cluster_port() if cluster else free_port())
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="qw-redis-")
         self.directory = directory or (self._tmp.name if self._tmp else ".")
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.cluster = cluster
         self.binary = find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -75,6 +78,8 @@ class RedisServer:
             "--protected-mode", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
+        if self.cluster:
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         self.process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
@@ -129,3 +134,22 @@ def _accepts(port: int) -> bool:
             return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 50_000)
+        if all(_bindable(p) for p in (port, port + 10_000)):
+            return port
+    raise QueueWorkerError("no free port pair for a cluster node")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -37,6 +37,7 @@ from queue_worker.router.queue_client import QueueClient
 from queue_worker.router.reporter import Reporter
 from queue_worker.router.worker import Router
 from queue_worker.streams import retention
+from queue_worker.streams.connection import RedisClient, open_redis
 from queue_worker.streams.keys import Keys
 from queue_worker.streams.projector import REDIS_DOWN, TailProjector
 from queue_worker.streams.publisher import Publisher
@@ -49,16 +50,13 @@ class RedisUnavailable(QueueWorkerError):
     """Redis could not be reached at start-up."""
 
 
-async def connect_redis(settings: Settings, attempts: int = 5) -> aioredis.Redis:
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+async def connect_redis(settings: Settings, attempts: int = 5) -> RedisClient:
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
-            await client.ping()  # type: ignore[misc]
-            return client
+            return await open_redis(settings.redis_url)
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
             if attempt == attempts:
-                await client.aclose()
                 raise RedisUnavailable(
                     f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
                 ) from exc

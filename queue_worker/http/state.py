@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from queue_worker.config import Settings
 from queue_worker.router.reporter import Reporter
 from queue_worker.router.worker import Router
+from queue_worker.streams.connection import RedisClient
 from queue_worker.streams.projector import TailProjector
 from queue_worker.streams.publisher import Publisher
 from queue_worker.streams.store import EventStore
 
 SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", aioredis.Redis)
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 STORE = web.AppKey("store", EventStore)
 STATUS = web.AppKey("status", TailProjector)

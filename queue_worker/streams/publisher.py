@@ -9,9 +9,10 @@ on Redis Cluster, where redis-py refuses ``PUBLISH`` in a transaction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import msgspec
+import redis.asyncio as aioredis
 
 from queue_worker.streams import events as ev
 from queue_worker.streams.keys import COMPLETED_CHANNEL, FAILED_CHANNEL
@@ -74,7 +75,9 @@ class Publisher(GroupProjector):
     def __init__(self, store: EventStore, group: str, consumer: str, **options: int) -> None:
         super().__init__(store, group, consumer, **options)
         self.published = 0
-        self._publish_and_ack = self.redis.register_script(PUBLISH_AND_ACK)
+        # RedisCluster has register_script too; redis-py types it for Redis only.
+        redis = cast(aioredis.Redis, self.redis)
+        self._publish_and_ack = redis.register_script(PUBLISH_AND_ACK)
 
     async def handle(self, batch: Batch) -> None:
         messages = []

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from queue_worker.errors import QueueWorkerError
+from queue_worker.streams.connection import RedisClient
 from queue_worker.streams.events import (
     Entry,
     Event,
@@ -94,7 +95,7 @@ class EventStore:
     """
 
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, worker_id: str, *, buffer_max: int = 10_000
+        self, redis: RedisClient, keys: Keys, worker_id: str, *, buffer_max: int = 10_000
     ) -> None:
         self.redis = redis
         self.keys = keys
