@@ -43,7 +43,14 @@ SCHEMATHESIS_CONFIG = {
         }
     ]
 }
-DOCUMENTED = {"/health", "/status", "/metrics", "/openapi.json", "/openapi.yaml", "/docs", "/redoc"}
+DOCUMENTED = {
+    "/", "/dashboard", "/events/stream", "/health", "/status", "/metrics", "/openapi.json",
+    "/openapi.yaml", "/docs", "/redoc",
+}  # fmt: skip
+# An endless Server-Sent Events response cannot be fetched whole and validated like the
+# others; tests/test_dashboard.py reads it. Its undeclared methods are still checked here.
+ENDLESS = {"/events/stream"}
+REDIRECTS = {"/"}
 UNDECLARED = {"POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
 
 Operation = APIOperation[Any, Any, Any, Any]
@@ -68,7 +75,10 @@ class Run:
 
     def __call__(self, case: ACase, **validate: Any) -> schemathesis.Response:
         response = case.call(
-            base_url=self.base_url, session=self.session, timeout=REQUEST_TIMEOUT_S
+            base_url=self.base_url,
+            session=self.session,
+            timeout=REQUEST_TIMEOUT_S,
+            allow_redirects=False,
         )
         request = f"{case.method} {case.formatted_path} -> {response.status_code}"
         self.statuses[(case.method, case.path, response.status_code)] += 1
@@ -149,6 +159,8 @@ def fuzz(operation: Operation, run: Callable[[ACase], object]) -> None:
 
 def conformance(schema: schemathesis.BaseSchema, operations: list[Operation], run: Run) -> None:
     for operation in operations:
+        if operation.path in ENDLESS:
+            continue
         for case in coverage_cases(schema, operation):
             if case.method.upper() == operation.method.upper():
                 run(case)
@@ -188,7 +200,8 @@ async def test_schemathesis_operations_conform(stack_factory) -> None:
     await asyncio.to_thread(conformance, schema, operations, run)
     run.assert_ok()
     ok = {path for method, path, status in run.statuses if method == "GET" and status == 200}
-    assert ok == DOCUMENTED, run.statuses
+    assert ok == DOCUMENTED - ENDLESS - REDIRECTS, run.statuses
+    assert all(status == 302 for method, path, status in run.statuses if path in REDIRECTS)
 
     # The documented 503 of /health: no executor left, so the worker cannot make progress.
     for executor in stack.executors:
