@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
-import msgspec
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from queue_worker import __version__
@@ -57,34 +54,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args.tasks, args.latency_ms, args.capacity)
 
 
-async def _audit(settings: Settings, eval_id: str, as_json: bool) -> int:
-    from queue_worker.streams.audit import format_history, history, history_json
-    from queue_worker.streams.connection import open_redis
-    from queue_worker.streams.keys import Keys
-    from queue_worker.streams.store import EventStore
-
-    try:
-        redis = await open_redis(settings.redis_url)
-        try:
-            store = EventStore(redis, Keys(settings.stream_prefix), settings.worker_id)
-            entries = await history(store, eval_id)
-        finally:
-            await redis.aclose()
-    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
-        raise QueueWorkerError(
-            f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
-        ) from exc
-    if as_json:
-        sys.stdout.write(msgspec.json.encode(history_json(entries)).decode() + "\n")
-    else:
-        print(format_history(eval_id, entries))
-    return 0 if entries else 1
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    return asyncio.run(_audit(_settings(), args.eval_id, args.json))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="queue-worker",
@@ -124,16 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--capacity", type=int, default=2, help="concurrent tasks per executor (default: 2)"
     )
     demo.set_defaults(func=cmd_demo)
-
-    audit = sub.add_parser(
-        "audit",
-        help="print one evaluation's history from the stream",
-        description="Print every stream event of one evaluation, oldest first, with the time "
-        "between steps. Reads REDIS_URL and STREAM_PREFIX. Exits 1 when there is none.",
-    )
-    audit.add_argument("eval_id", metavar="EVAL_ID")
-    audit.add_argument("--json", action="store_true", help="print the entries as JSON")
-    audit.set_defaults(func=cmd_audit)
 
     from queue_worker.devstack.cli import register as register_devstack
     from queue_worker.openapi.cli import register as register_openapi

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
+from queue_worker.streams.audit import format_history, history, history_json
 from queue_worker.streams.connection import open_redis
 from queue_worker.streams.events import Entry
 from queue_worker.streams.keys import Keys
@@ -216,6 +217,18 @@ async def _stream_info(args: argparse.Namespace, store: EventStore) -> int:
     return 0
 
 
+# --- audit -----------------------------------------------------------------------------------
+
+
+async def _audit(args: argparse.Namespace, store: EventStore) -> int:
+    entries = await history(store, args.eval_id)
+    if args.json:
+        _emit(history_json(entries))
+    else:
+        print(format_history(args.eval_id, entries))
+    return 0 if entries else 1
+
+
 # --- commands --------------------------------------------------------------------------------
 
 
@@ -229,8 +242,17 @@ def _command(
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``tail``, ``replay`` and ``stream-info`` commands."""
+    """Add the ``audit``, ``tail``, ``replay`` and ``stream-info`` commands."""
     env = "Reads REDIS_URL and STREAM_PREFIX."
+    audit = subparsers.add_parser(
+        "audit",
+        help="print one evaluation's history from the stream",
+        description="Print every stream event of one evaluation, oldest first, with the time "
+        f"between steps. Exits 1 when there is none. {env}",
+    )
+    audit.add_argument("eval_id", metavar="EVAL_ID")
+    audit.add_argument("--json", action="store_true", help="print the entries as JSON")
+    audit.set_defaults(func=_command(_audit))
     tail = subparsers.add_parser(
         "tail",
         help="follow the event stream live, one line per entry",
