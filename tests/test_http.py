@@ -102,3 +102,31 @@ async def test_no_secret_in_status_or_health(stack_factory) -> None:
         assert stack.worker is not None
         async with stack.http.get(f"{stack.worker.url}{path}") as resp:
             assert "TOPSECRET-42" not in await resp.text()
+
+
+async def test_status_shows_the_fleet_and_liveness(stack_factory) -> None:
+    stack: Stack = await stack_factory()
+    await stack.enqueue("one")
+    await stack.wait_event("task.reported", eval_id="one")
+    # A worker that ran before and is gone: in the stream, without a liveness key.
+    from queue_worker.streams import events as ev
+    from queue_worker.streams.keys import Keys
+    from queue_worker.streams.store import EventStore
+
+    gone = EventStore(stack.redis, Keys(stack.prefix), "gone-worker")
+    await gone.append(ev.WorkerStarted(version="0", executors=[], strategy="x", capacity=1))
+
+    async def fleet() -> dict[str, dict] | None:  # type: ignore[type-arg]
+        _, body = await stack.get_json("/status")
+        members = {m["worker_id"]: m for m in body["fleet"]}
+        return members if "gone-worker" in members else None
+
+    members = await eventually(fleet)
+    me = members["test-worker"]
+    assert me["alive"] and me["running"] and me["counters"]["completed"] == 1
+    assert me["in_flight"] == 0
+    assert members["gone-worker"]["alive"] is False and members["gone-worker"]["running"]
+    key = Keys(stack.prefix).alive("test-worker")
+    assert await stack.redis.pttl(key) > 0  # refreshed, with a TTL
+    await stack.stop_worker()
+    assert await stack.redis.exists(key) == 0  # a clean stop removes it

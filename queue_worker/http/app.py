@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
 
+from queue_worker import __version__
 from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
 from queue_worker.http import dashboard, handlers, metrics
@@ -44,6 +45,10 @@ from queue_worker.streams.publisher import Publisher
 from queue_worker.streams.store import EventStore
 
 log = structlog.get_logger(__name__)
+
+
+HEARTBEAT_INTERVAL_S = 2.0
+ALIVE_TTL_MS = 10_000  # a worker silent this long is taken for dead
 
 
 class RedisUnavailable(QueueWorkerError):
@@ -180,6 +185,30 @@ async def _retain(app: web.Application) -> None:
             log.warning("retention_skipped", error=str(exc))
 
 
+async def _heartbeat(app: web.Application) -> None:
+    """Keep this worker's liveness key: peers take over a worker whose key expired."""
+    store, worker_id = app[STORE], app[SETTINGS].worker_id
+    while True:
+        try:
+            await store.redis.set(store.keys.alive(worker_id), __version__, px=ALIVE_TTL_MS)
+            store.redis_state(ok=True)
+        except REDIS_DOWN as exc:
+            store.redis_state(ok=False)
+            log.warning("heartbeat_failed", error=str(exc))
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
+    _start_loop(app, "heartbeat", _heartbeat(app))
+    yield
+    await _stop_loop(app, "heartbeat")
+    store = app[STORE]
+    try:  # a clean stop: peers need not wait for the key to expire
+        await store.redis.delete(store.keys.alive(app[SETTINGS].worker_id))
+    except REDIS_DOWN as exc:
+        log.warning("liveness_key_left", error=str(exc))
+
+
 async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
     if app[SETTINGS].stream_maxlen:
         _start_loop(app, "retention", _retain(app))
@@ -213,7 +242,16 @@ def create_app(settings: Settings) -> web.Application:
     app[LOOPS] = {}
     app[STARTED] = time.monotonic()
     app.cleanup_ctx.extend(
-        [redis_ctx, session_ctx, store_ctx, status_ctx, projectors_ctx, retention_ctx, router_ctx]
+        [
+            redis_ctx,
+            session_ctx,
+            store_ctx,
+            status_ctx,
+            projectors_ctx,
+            retention_ctx,
+            heartbeat_ctx,
+            router_ctx,
+        ]
     )
     handlers.register(app)
     metrics.register(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import msgspec
 import redis.asyncio as aioredis
@@ -89,6 +90,23 @@ async def _projectors(request: web.Request) -> list[s.ProjectorStatus]:
     return out
 
 
+async def _fleet(request: web.Request) -> list[s.FleetMember]:
+    view, store = request.app[STATUS].view, request.app[STORE]
+    ids = sorted(view.workers)
+    alive = await store.redis.mget([store.keys.alive(w) for w in ids]) if ids else []
+    in_flight = Counter(task.worker_id for task in view.in_flight.values())
+    return [
+        s.FleetMember(
+            worker_id=w,
+            alive=flag is not None,
+            running=view.workers[w].running,
+            in_flight=in_flight[w],
+            counters=view.workers[w].counters,
+        )
+        for w, flag in zip(ids, alive, strict=True)
+    ]
+
+
 async def status(request: web.Request) -> web.Response:
     """Detailed worker and executor status, folded from the stream."""
     app = request.app
@@ -141,6 +159,7 @@ async def status(request: web.Request) -> web.Response:
             last_id=view.last_id,
             projectors=await _projectors(request),
         ),
+        fleet=await _fleet(request),
     )
     return json_response(body)
 

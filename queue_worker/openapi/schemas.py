@@ -74,6 +74,16 @@ class QueueStatus(msgspec.Struct, frozen=True, kw_only=True):
     consecutive_errors: int
 
 
+class FleetMember(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker that wrote to this deployment's stream, folded from it."""
+
+    worker_id: str
+    alive: bool  # its liveness key exists (it refreshes it while it runs)
+    running: bool  # started and not stopped, as the stream says
+    in_flight: int  # its tasks pulled and not yet terminal
+    counters: Counters
+
+
 class StatusResponse(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     version: str
@@ -86,6 +96,7 @@ class StatusResponse(msgspec.Struct, frozen=True, kw_only=True):
     queue: QueueStatus
     executors: list[ExecutorStatus]
     stream: StreamStatus
+    fleet: list[FleetMember]
 
 
 class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):

@@ -79,8 +79,8 @@ monitoring and documentation; every error it returns is a JSON `ErrorResponse`, 
 
 Terminal events are published by the publisher projector as Redis `PUBLISH` on the channels \
 `{COMPLETED_CHANNEL}` (`CompletedMessage`) and `{FAILED_CHANNEL}` (`FailedMessage`), \
-documented below as webhooks. `PUBLISH` and the `XACK` of the stream entries go in one \
-`MULTI`, so a message is neither sent twice nor skipped by a crash of the worker; pub/sub \
+documented below as webhooks. `PUBLISH` and the `XACK` of the stream entries run in one \
+atomic script, so a message is neither sent twice nor skipped by a crash of the worker; pub/sub \
 itself delivers only to subscribers connected at that moment (use a consumer group on the \
 stream for durable delivery)."""
 
@@ -143,6 +143,15 @@ def _examples() -> dict[str, Any]:
                 s.ProjectorStatus(name="reporter", last_id="1735689599000-3", pending=1, lag=2),
             ],
         ),
+        fleet=[
+            s.FleetMember(
+                worker_id="queue-worker-1",
+                alive=True,
+                running=True,
+                in_flight=1,
+                counters=Counters(pulled=120, routed=121, completed=110, failed=9, reported=119),
+            )
+        ],
     )
     values: dict[str, Any] = {
         "healthy": healthy,

@@ -24,6 +24,10 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{{{self.prefix}}}:dead"
 
+    def alive(self, worker_id: str) -> str:
+        """A worker's liveness key: it exists while the worker runs (refreshed, with a TTL)."""
+        return f"{{{self.prefix}}}:alive:{worker_id}"
+
     def result(self, eval_id: str) -> str:
         """Where a result too large for the stream is kept in full."""
         return f"{{{self.prefix}}}:result:{eval_id}"
