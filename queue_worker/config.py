@@ -7,6 +7,7 @@ start-up with a :class:`ConfigError` naming the variable.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, TypeVar, cast
@@ -14,13 +15,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 from queue_worker.errors import ConfigError
 
-Strategy = Literal["round_robin", "random"]
-STRATEGIES: tuple[Strategy, ...] = ("round_robin", "random")
+Strategy = Literal["least_loaded", "round_robin", "random", "weighted", "sticky"]
+STRATEGIES: tuple[Strategy, ...] = ("least_loaded", "round_robin", "random", "weighted", "sticky")
 LogFormat = Literal["json", "console"]
 RecoveryPolicy = Literal["redispatch", "fail"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +37,27 @@ class Settings:
     executor_port: int = 8083
     executor_urls: tuple[str, ...] = ()
     executor_capacity: int = 1
+    executor_capacities: tuple[tuple[str, int], ...] = ()
+    executor_weights: tuple[tuple[str, float], ...] = ()
+    learn_capacity: bool = False
+    executor_dns_name: str | None = None
+    executor_dns_server: tuple[str, int] | None = None
+    discovery_interval_s: float = 30.0
+    queue_service_urls: tuple[str, ...] = ()
+    queue_weights: tuple[float, ...] = ()
     hostname: str = "queue-worker-1"
     host: str = "0.0.0.0"
     port: int = 8084
-    routing_strategy: Strategy = "round_robin"
+    routing_strategy: Strategy = "least_loaded"
     poll_interval_s: float = 1.0
     health_interval_s: float = 5.0
     health_timeout_s: float = 2.0
     health_stale_s: float = 10.0
+    healthy_threshold: int = 1
+    unhealthy_threshold: int = 1
+    eject_after_failures: int = 5
+    eject_base_s: float = 30.0
+    eject_max_s: float = 300.0
     dispatch_margin_s: float = 10.0
     default_task_timeout_s: float = 30.0
     queue_timeout_s: float = 10.0
@@ -90,6 +105,21 @@ class Settings:
             for i in range(1, self.executor_count + 1)
         )
 
+    @property
+    def discovery(self) -> Literal["dns", "list", "compose"]:
+        """Where the executors come from: DNS, ``EXECUTOR_URLS`` or the compose naming."""
+        if self.executor_dns_name:
+            return "dns"
+        return "list" if self.executor_urls else "compose"
+
+    def queue_urls(self) -> tuple[str, ...]:
+        """The queues in priority order: ``QUEUE_SERVICE_URLS``, else ``QUEUE_SERVICE_URL``."""
+        return self.queue_service_urls or (self.queue_service_url,)
+
+    def capacity_of(self, url: str) -> int:
+        """An executor's capacity: ``EXECUTOR_CAPACITIES`` for it, else ``EXECUTOR_CAPACITY``."""
+        return dict(self.executor_capacities).get(url, self.executor_capacity)
+
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url)
 
@@ -122,6 +152,76 @@ def _http_url(variable: str, value: str) -> str:
     except ValueError as exc:
         raise ConfigError(variable, f"bad port in {value!r}") from exc
     return value.rstrip("/")
+
+
+def _items(variable: str, text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(variable, "lists nothing")
+    return items
+
+
+def _url_and_value(variable: str, item: str) -> tuple[str, str | None]:
+    """``url=value`` (the value after the last ``=``), or ``url`` alone."""
+    url, sep, value = item.rpartition("=")
+    if not sep:
+        return _http_url(variable, item), None
+    return _http_url(variable, url.strip()), value.strip()
+
+
+def _positive(variable: str, text: str, kind: Callable[[str], N]) -> N:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(variable, f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(variable, f"expected a positive number, got {text!r}")
+    return value
+
+
+def _per_executor(
+    variable: str, text: str, executors: tuple[str, ...], kind: Callable[[str], N]
+) -> tuple[tuple[str, N], ...]:
+    """``url=value,...`` or values aligned with ``executors`` (the explicit or compose list)."""
+    items = _items(variable, text)
+    if all("=" not in item for item in items):
+        if len(items) != len(executors):
+            raise ConfigError(
+                variable,
+                f"{len(items)} values for {len(executors)} executors; "
+                "give one per executor or url=value pairs",
+            )
+        return tuple(
+            (url, _positive(variable, v, kind)) for url, v in zip(executors, items, strict=True)
+        )
+    pairs: list[tuple[str, N]] = []
+    for item in items:
+        url, value = _url_and_value(variable, item)
+        if value is None:
+            raise ConfigError(variable, f"expected url=value, got {item!r}")
+        pairs.append((url, _positive(variable, value, kind)))
+    return tuple(pairs)
+
+
+def _host_port(variable: str, text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``."""
+    parts = urlsplit(f"//{text}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path:
+        raise ConfigError(variable, f"expected host:port, got {text!r}")
+    return parts.hostname, port
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 class _Reader:
@@ -190,10 +290,26 @@ class _Reader:
         if any(c in prefix for c in "{} \t\n"):
             raise ConfigError("STREAM_PREFIX", "must not contain braces or white space")
         step = self.number("QUEUE_BACKOFF_STEP_S", d.queue_backoff_step_s)
+        queue_urls, queue_weights = self.queues()
+        queue_url = self.raw("QUEUE_SERVICE_URL")
+        dns_name = self.raw("EXECUTOR_DNS_NAME")
+        if dns_name is not None:
+            if executor_urls:
+                raise ConfigError("EXECUTOR_DNS_NAME", "set EXECUTOR_URLS or EXECUTOR_DNS_NAME")
+            labels = dns_name.rstrip(".").split(".")
+            if not all(
+                re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?", x) for x in labels
+            ):
+                raise ConfigError("EXECUTOR_DNS_NAME", f"expected a host name, got {dns_name!r}")
+        dns_server = self.raw("EXECUTOR_DNS_SERVER")
+        eject_base = self.number("EJECT_BASE_S", d.eject_base_s, minimum=0.001)
         settings = Settings(
             queue_service_url=_http_url(
-                "QUEUE_SERVICE_URL", self.raw("QUEUE_SERVICE_URL") or d.queue_service_url
+                "QUEUE_SERVICE_URL",
+                queue_url or (queue_urls[0] if queue_urls else d.queue_service_url),
             ),
+            queue_service_urls=queue_urls,
+            queue_weights=queue_weights,
             queue_api_key=self.raw("QUEUE_API_KEY"),
             redis_url=redis_url,
             executor_count=self.integer(
@@ -207,6 +323,14 @@ class _Reader:
             executor_capacity=self.integer(
                 "EXECUTOR_CAPACITY", d.executor_capacity, minimum=1, maximum=10_000
             ),
+            executor_dns_name=dns_name,
+            executor_dns_server=(
+                None if dns_server is None else _host_port("EXECUTOR_DNS_SERVER", dns_server)
+            ),
+            discovery_interval_s=self.number(
+                "DISCOVERY_INTERVAL_S", d.discovery_interval_s, minimum=0.01
+            ),
+            learn_capacity=self.get("LEARN_CAPACITY", d.learn_capacity, _boolean),
             hostname=self.raw("HOSTNAME") or d.hostname,
             host=self.raw("HOST") or d.host,
             port=self.integer("PORT", d.port, minimum=0, maximum=65535),
@@ -217,6 +341,19 @@ class _Reader:
             health_interval_s=self.number("HEALTH_INTERVAL_S", d.health_interval_s, minimum=0.01),
             health_timeout_s=self.number("HEALTH_TIMEOUT_S", d.health_timeout_s, minimum=0.01),
             health_stale_s=self.number("HEALTH_STALE_S", d.health_stale_s),
+            healthy_threshold=self.integer(
+                "HEALTHY_THRESHOLD", d.healthy_threshold, minimum=1, maximum=100
+            ),
+            unhealthy_threshold=self.integer(
+                "UNHEALTHY_THRESHOLD", d.unhealthy_threshold, minimum=1, maximum=100
+            ),
+            eject_after_failures=self.integer(
+                "EJECT_AFTER_FAILURES", d.eject_after_failures, minimum=0, maximum=10_000
+            ),
+            eject_base_s=eject_base,
+            eject_max_s=self.number(
+                "EJECT_MAX_S", max(d.eject_max_s, eject_base), minimum=eject_base
+            ),
             dispatch_margin_s=self.number("DISPATCH_MARGIN_S", d.dispatch_margin_s),
             default_task_timeout_s=self.number(
                 "DEFAULT_TASK_TIMEOUT_S", d.default_task_timeout_s, minimum=0.001
@@ -259,7 +396,39 @@ class _Reader:
                 LogFormat, self.choice("LOG_FORMAT", d.log_format, ("json", "console"))
             ),
         )
-        return settings
+        return self.per_executor(settings)
+
+    def queues(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """``QUEUE_SERVICE_URLS``: the URLs in priority order, and weights when any is given."""
+        text = self.raw("QUEUE_SERVICE_URLS")
+        if text is None:
+            return (), ()
+        urls: list[str] = []
+        weights: list[float] = []
+        for item in _items("QUEUE_SERVICE_URLS", text):
+            url, value = _url_and_value("QUEUE_SERVICE_URLS", item)
+            if url in urls:
+                raise ConfigError("QUEUE_SERVICE_URLS", f"{url} is listed twice")
+            urls.append(url)
+            weights.append(1.0 if value is None else _positive("QUEUE_SERVICE_URLS", value, float))
+        weighted = any("=" in item for item in text.split(","))
+        return tuple(urls), tuple(weights) if weighted else ()
+
+    def per_executor(self, settings: Settings) -> Settings:
+        """``EXECUTOR_CAPACITIES`` and ``EXECUTOR_WEIGHTS``, aligned with the executor list."""
+        endpoints = settings.executor_endpoints() if settings.discovery != "dns" else ()
+        changes: dict[str, object] = {}
+        capacities = self.raw("EXECUTOR_CAPACITIES")
+        if capacities is not None:
+            changes["executor_capacities"] = _per_executor(
+                "EXECUTOR_CAPACITIES", capacities, endpoints, int
+            )
+        weights = self.raw("EXECUTOR_WEIGHTS")
+        if weights is not None:
+            changes["executor_weights"] = _per_executor(
+                "EXECUTOR_WEIGHTS", weights, endpoints, float
+            )
+        return settings.with_(**changes) if changes else settings
 
 
 # (variable, default, meaning) for --help and the README; kept beside the reader.
@@ -272,14 +441,46 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EXECUTOR_PORT", "8083", "port of the compose naming when the base has none"),
     ("EXECUTOR_URLS", "(none)", "comma list of executor URLs; overrides the naming"),
     ("EXECUTOR_CAPACITY", "1", "concurrent tasks per executor"),
+    (
+        "EXECUTOR_CAPACITIES",
+        "(none)",
+        "per-executor capacity: url=N,... or N,... aligned with the executors",
+    ),
+    ("LEARN_CAPACITY", "false", "take an executor's capacity from its GET /health answer"),
+    (
+        "EXECUTOR_WEIGHTS",
+        "(none)",
+        "weights of the weighted strategy: url=W,... or W,... (default: capacities)",
+    ),
+    ("EXECUTOR_DNS_NAME", "(none)", "discover executors: every address of this name"),
+    ("EXECUTOR_DNS_SERVER", "(none)", "host:port of a DNS server to ask (default: the system's)"),
+    ("DISCOVERY_INTERVAL_S", "30", "how often EXECUTOR_DNS_NAME is resolved again"),
+    (
+        "QUEUE_SERVICE_URLS",
+        "(none)",
+        "several queues, highest priority first; url=W,... shares pulls by weight",
+    ),
     ("HOSTNAME", "queue-worker-1", "worker id written on every event"),
     ("HOST", "0.0.0.0", "address the HTTP API listens on"),
     ("PORT", "8084", "HTTP API port (`run --port` wins)"),
-    ("ROUTING_STRATEGY", "round_robin", "round_robin or random"),
+    (
+        "ROUTING_STRATEGY",
+        "least_loaded",
+        "least_loaded, round_robin, random, weighted or sticky",
+    ),
     ("POLL_INTERVAL_S", "1.0", "wait after an empty poll"),
     ("HEALTH_INTERVAL_S", "5.0", "period of the background health checks"),
     ("HEALTH_TIMEOUT_S", "2.0", "timeout of one GET /health"),
     ("HEALTH_STALE_S", "10.0", "a check older than this is redone before routing"),
+    ("HEALTHY_THRESHOLD", "1", "passed checks in a row that make an executor healthy"),
+    ("UNHEALTHY_THRESHOLD", "1", "failed checks in a row that make an executor unhealthy"),
+    (
+        "EJECT_AFTER_FAILURES",
+        "5",
+        "retryable dispatch failures in a row that eject an executor; 0 never ejects",
+    ),
+    ("EJECT_BASE_S", "30", "first ejection time; doubles with each repeated ejection"),
+    ("EJECT_MAX_S", "300", "longest ejection time"),
     ("DISPATCH_MARGIN_S", "10.0", "HTTP timeout of /execute = task timeout + this"),
     ("DEFAULT_TASK_TIMEOUT_S", "30.0", "timeout for a task that names none"),
     ("QUEUE_TIMEOUT_S", "10.0", "HTTP timeout of calls to the queue"),

@@ -195,7 +195,8 @@ async def test_tail_replay_and_stream_info_on_a_live_stream(stack_factory) -> No
     lines = one.stdout.splitlines()
     assert len(lines) == 5 and all(f"[{ids[1]}]" in line for line in lines)
     assert " task.pulled " in lines[0] and " task.reported " in lines[-1]
-    url = stack.executors[0].url
+    dispatched = [e.event for e in await stack.entries() if isinstance(e.event, ev.TaskDispatched)]
+    url = dispatched[0].executor  # one that ran a task (least_loaded may leave one idle)
     picked = await arun(stack, "tail", "--from-start", "--type", "task.*", "--executor", url,
                         "--count", "1", "--json")  # fmt: skip
     assert msgspec.json.decode(picked.stdout)["event"]["executor"] == url

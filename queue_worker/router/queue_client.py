@@ -108,6 +108,12 @@ class QueueClient:
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
+    def with_base_url(self, base_url: str) -> QueueClient:
+        """A client of another queue with the same session, API key and timeout."""
+        other = QueueClient(self.session, base_url)
+        other.headers, other.timeout = self.headers, self.timeout
+        return other
+
     def _task_url(self, eval_id: str, action: str) -> URL:
         return URL(f"{self.base_url}/tasks/{quote(eval_id, safe='')}/{action}", encoded=True)
 

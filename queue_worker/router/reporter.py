@@ -4,6 +4,10 @@ At-least-once: a batch is reported (concurrently), then ``task.reported``
 is appended for each, then the batch is acknowledged. A crash in between
 reports again; the queue's ``404`` on ``/complete`` and ``not_found`` on
 ``/fail`` make that idempotent (``task.reported`` with ``already``).
+
+Each outcome goes to the queue the task came from: the ``queue`` its terminal
+event carries (copied from ``task.pulled``), else the default queue given here
+(``QUEUE_SERVICE_URL``).
 """
 
 from __future__ import annotations
@@ -38,26 +42,38 @@ class Reporter(GroupProjector):
         # kwargs: block_ms, batch, claim_idle_ms, max_deliveries (see GroupProjector)
         super().__init__(store, group, consumer, **kwargs)
         self.queue = queue
+        self._queues: dict[str, QueueClient] = {queue.base_url: queue}
         self.backoff_max_s = backoff_max_s
         self.reported = 0
         self.report_errors = 0
+
+    def queue_for(self, url: str | None) -> QueueClient:
+        """The client of the queue at ``url`` (``None``: the default queue)."""
+        if url is None:
+            return self.queue
+        client = self._queues.get(url.rstrip("/"))
+        if client is None:
+            client = self._queues[url.rstrip("/")] = self.queue.with_base_url(url)
+        return client
 
     async def _report_once(self, event: ev.Event) -> ev.TaskReported | None:
         match event:
             case ev.TaskCompleted():
                 output = await self.store.full_result(event) or event.result
-                status, already = await self.queue.complete(event.eval_id, output)
+                queue = self.queue_for(event.queue)
+                status, already = await queue.complete(event.eval_id, output)
                 return ev.TaskReported(
                     eval_id=event.eval_id, outcome="completed", http_status=status, already=already
                 )
             case ev.TaskFailed():
-                status, already = await self.queue.fail(event.eval_id, event.error)
+                queue = self.queue_for(event.queue)
+                status, already = await queue.fail(event.eval_id, event.error)
                 return ev.TaskReported(
                     eval_id=event.eval_id, outcome="failed", http_status=status, already=already
                 )
             case ev.TaskRejected(eval_id=str(eval_id)):
                 error = f"invalid task payload: {event.reason}"
-                status, already = await self.queue.fail(eval_id, error)
+                status, already = await self.queue_for(event.queue).fail(eval_id, error)
                 return ev.TaskReported(
                     eval_id=eval_id, outcome="failed", http_status=status, already=already
                 )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,7 +22,8 @@ import structlog
 from queue_worker import __version__
 from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
-from queue_worker.router.balancer import eligible, make_balancer
+from queue_worker.router.balancer import make_balancer
+from queue_worker.router.discovery import DiscoveryError, Resolver, StaticDiscovery, discovery_for
 from queue_worker.router.dispatch import Executed, ExecutionFailed, execute
 from queue_worker.router.executors import ExecutorPool, ExecutorState
 from queue_worker.router.queue_client import (
@@ -41,6 +44,7 @@ NO_HEALTHY_EXECUTOR = "no_healthy_executor"
 RECORDING_ERRORS = (aioredis.RedisError, OSError, QueueWorkerError)
 RESULT_TTL_S = 7 * 24 * 3600
 STOP_RECORD_TIMEOUT_S = 5.0
+EJECT_REASON_BYTES = 200
 
 
 def queue_backoff_s(consecutive_errors: int, step_s: float, max_s: float) -> float:
@@ -74,6 +78,31 @@ def cap_result(result: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], 
     return capped, cut
 
 
+@dataclass(slots=True)
+class QueueSource:
+    """One queue the router pulls from, with its own backoff and idle time."""
+
+    url: str
+    client: QueueClient
+    weight: float = 1.0
+    errors: int = 0  # consecutive failed polls
+    retry_at: float = 0.0  # monotonic: polled again from then on (after errors)
+    idle_until: float = 0.0  # monotonic: it was empty; polled again from then on
+    current: float = 0.0  # smooth weighted round robin state
+    pulled: int = 0
+
+    def ready_at(self) -> float:
+        return max(self.retry_at, self.idle_until)
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    executor: ExecutorState
+    why: str
+    key: str | None
+    candidates: list[ev.Candidate]
+
+
 class Router:
     """Pulls tasks while there is free healthy capacity and routes each one."""
 
@@ -85,6 +114,7 @@ class Router:
         *,
         view: StatusView | None = None,
         rng: random.Random | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -97,20 +127,39 @@ class Router:
             api_key=settings.queue_api_key,
             timeout_s=settings.queue_timeout_s,
         )
+        weights = settings.queue_weights or (1.0,) * len(settings.queue_urls())
+        self.queues = [
+            QueueSource(
+                url, self.queue if url == self.queue.base_url else self.queue.with_base_url(url), w
+            )
+            for url, w in zip(settings.queue_urls(), weights, strict=True)
+        ]
+        self.discovery = discovery_for(settings, resolver)
+        static = isinstance(self.discovery, StaticDiscovery)
         self.pool = ExecutorPool(
             store,
             session,
-            settings.executor_endpoints(),
+            settings.executor_endpoints() if static else (),
             settings.executor_capacity,
             health_timeout_s=settings.health_timeout_s,
             health_stale_s=settings.health_stale_s,
+            capacities=dict(settings.executor_capacities),
+            healthy_threshold=settings.healthy_threshold,
+            unhealthy_threshold=settings.unhealthy_threshold,
+            eject_after_failures=settings.eject_after_failures,
+            eject_base_s=settings.eject_base_s,
+            eject_max_s=settings.eject_max_s,
+            learn_capacity=settings.learn_capacity,
         )
-        self.balancer = make_balancer(settings.routing_strategy, self.rng)
+        self.balancer = make_balancer(
+            settings.routing_strategy, self.rng, dict(settings.executor_weights)
+        )
         self.reserved = 0  # tasks pulled and not yet terminal
         self.polls = 0
         self.empty_polls = 0
         self.queue_errors = 0
         self.leases: dict[str, float] = {}  # eval_id -> lease_s, while in flight
+        self._lease_queue: dict[str, QueueClient] = {}  # eval_id -> where its lease is
         self._tasks: set[asyncio.Task[None]] = set()
         self._helpers: list[asyncio.Task[None]] = []
         self._open_pull: str | None = None
@@ -121,22 +170,40 @@ class Router:
     def in_flight(self) -> int:
         return self.reserved
 
+    def queue_client(self, url: str | None) -> QueueClient:
+        """The client of the queue at ``url`` (``None``: the default queue)."""
+        if url is None:
+            return self.queue
+        for q in self.queues:
+            if q.url == url:
+                return q.client
+        return self.queue.with_base_url(url)  # a queue of an earlier configuration
+
     # --- lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
         """Announce, recover, check the executors, then pull until cancelled."""
+        if not isinstance(self.discovery, StaticDiscovery):
+            try:
+                self.pool.set_members(await self.discovery.resolve())
+            except DiscoveryError as exc:  # start empty; the discovery loop tries again
+                log.warning("discovery_failed", provider=self.discovery.name, error=str(exc))
         await self.store.append(
             ev.WorkerStarted(
                 version=__version__,
-                executors=list(self.pool.urls),
+                executors=[x.url for x in self.pool.executors],
                 strategy=self.balancer.name,
                 capacity=self.settings.executor_capacity,
+                discovery=self.discovery.name,
+                queues=[q.url for q in self.queues],
             )
         )
         self._helpers = [
             asyncio.create_task(self.pool.monitor(self.settings.health_interval_s)),
             asyncio.create_task(self._renew_leases()),
         ]
+        if self.discovery.interval_s is not None:
+            self._helpers.append(asyncio.create_task(self._discover(self.discovery.interval_s)))
         await self.pool.check_all()
         if self.view is not None:
             await self.recover(self.view)
@@ -168,10 +235,25 @@ class Router:
         except (*RECORDING_ERRORS, TimeoutError) as exc:
             log.error("worker_stopped_not_recorded", error=str(exc))
 
-    def _spawn(self, task: ev.Task, first_attempt: int = 1) -> None:
-        worker = asyncio.create_task(self._route(task, first_attempt), name=f"route-{task.eval_id}")
+    def _spawn(self, task: ev.Task, queue: str, first_attempt: int = 1) -> None:
+        worker = asyncio.create_task(
+            self._route(task, queue, first_attempt), name=f"route-{task.eval_id}"
+        )
         self._tasks.add(worker)
         worker.add_done_callback(self._tasks.discard)
+
+    async def _discover(self, interval_s: float) -> None:
+        """Resolve the executors again every ``interval_s``; apply what changed."""
+        provider = self.discovery
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                urls = await provider.resolve()
+                await self.pool.sync(urls, provider.name)
+            except DiscoveryError as exc:
+                log.warning("discovery_failed", provider=provider.name, error=str(exc))
+            except RECORDING_ERRORS as exc:
+                log.error("membership_not_recorded", error=str(exc))
 
     # --- recovery ------------------------------------------------------------
 
@@ -180,7 +262,9 @@ class Router:
         me = self.settings.worker_id
         mine = view.workers.get(me)
         if mine is not None and mine.open_pull is not None:
-            running = await self.queue.running_count()
+            counts = await asyncio.gather(*(q.client.running_count() for q in self.queues))
+            known = [n for n in counts if n is not None]
+            running = sum(known) if known else None
             log.warning("pull_interrupted", pull_id=mine.open_pull, queue_running=running)
             await self.store.append(
                 ev.PullInterrupted(pull_id=mine.open_pull, queue_running=running)
@@ -192,6 +276,8 @@ class Router:
     async def _recover_task(self, eval_id: str, pulled_id: str, stage: str, attempt: int) -> None:
         raws = await self.store.redis.xrange(self.store.keys.events, pulled_id, pulled_id)
         pulled = parse_pulled(raws)
+        queue_url = None if pulled is None else pulled.queue
+        queue = self.queue_client(queue_url)
 
         def recovered(action: Any) -> ev.TaskRecovered:
             return ev.TaskRecovered(
@@ -200,7 +286,7 @@ class Router:
 
         if pulled is not None and pulled.lease_s is not None:
             try:
-                held = await self.queue.renew(eval_id, pulled.lease_s)
+                held = await queue.renew(eval_id, pulled.lease_s)
             except ReportRefused:
                 held = False
             if not held:
@@ -208,6 +294,7 @@ class Router:
                 await self.store.append(recovered("lease_lost"))
                 return
             self.leases[eval_id] = pulled.lease_s
+            self._lease_queue[eval_id] = queue
         if pulled is None or self.settings.recovery_policy == "fail":
             why = "its task.pulled entry is gone" if pulled is None else "RECOVERY_POLICY=fail"
             await self.store.append(
@@ -217,14 +304,16 @@ class Router:
                     attempt=attempt,
                     reason="worker_stopped",
                     error=f"the worker stopped while the task was {stage}; not re-run ({why})",
+                    queue=queue_url,
                 ),
             )
             self.leases.pop(eval_id, None)
+            self._lease_queue.pop(eval_id, None)
             return
         log.info("task_recovered", eval_id=eval_id, stage=stage, attempt=attempt + 1)
         await self.store.append(recovered("redispatch"))
         self.reserved += 1
-        self._spawn(pulled.task, first_attempt=attempt + 1)
+        self._spawn(pulled.task, queue.base_url, first_attempt=attempt + 1)
 
     # --- pulling -------------------------------------------------------------
 
@@ -235,7 +324,6 @@ class Router:
             )
 
     async def _pull_loop(self) -> None:
-        errors = 0
         while not self._stopping:
             await self._wait_for_capacity()
             if self._stopping:
@@ -245,7 +333,7 @@ class Router:
                 continue
             self._in_pull = True
             try:
-                errors, pause_s = await self._pull_once(errors)
+                pause_s = await self._pull_once()
             except RECORDING_ERRORS as exc:
                 # No state change may happen without its event: wait for the store.
                 log.error("event_store_unavailable", error=str(exc))
@@ -255,52 +343,86 @@ class Router:
             if pause_s:
                 await asyncio.sleep(pause_s)
 
-    async def _pull_once(self, errors: int) -> tuple[int, float]:
-        """One poll and its record; returns (consecutive queue errors, seconds to pause)."""
+    def _poll_order(self, ready: list[QueueSource]) -> list[QueueSource]:
+        """Highest priority first; with weights, a smooth weighted turn picks the first."""
+        if not self.settings.queue_weights or len(ready) == 1:
+            return ready
+        total = sum(q.weight for q in ready)
+        for q in ready:
+            q.current += q.weight
+        first = max(ready, key=lambda q: q.current)
+        first.current -= total
+        return [first, *(q for q in ready if q is not first)]
+
+    async def _pull_once(self) -> float:
+        """Poll the ready queues in order until one hands out a task (or an invalid one);
+        returns the seconds to pause before the next try."""
+        now = time.monotonic()
+        ready = [q for q in self.queues if q.ready_at() <= now]
+        if not ready:
+            return max(min(q.ready_at() for q in self.queues) - now, 0.001)
         if self._open_pull is None:
             self._open_pull = uuid.uuid4().hex[:16]
             await self.store.append(ev.PullStarted(pull_id=self._open_pull))
         pull_id = self._open_pull
-        self.polls += 1
-        try:
-            body = await self.queue.next_task(self.settings.queue_lease_s or None)
-        except QueueUnavailable as exc:
-            errors += 1
-            self.queue_errors += 1
-            settings = self.settings
-            backoff = queue_backoff_s(
-                errors, settings.queue_backoff_step_s, settings.queue_backoff_max_s
-            )
-            log.warning("queue_unreachable", errors=errors, backoff_s=backoff, error=str(exc))
-            await self.store.append(
-                ev.QueueUnreachable(consecutive_errors=errors, backoff_s=backoff, reason=str(exc))
-            )
-            return errors, backoff
-        if errors:
-            log.info("queue_recovered", after_errors=errors)
-            await self.store.append(ev.QueueRecovered(after_errors=errors))
-        return 0, await self._take(body, pull_id)
+        for q in self._poll_order(ready):
+            self.polls += 1
+            try:
+                body = await q.client.next_task(self.settings.queue_lease_s or None)
+            except QueueUnavailable as exc:
+                await self._queue_failed(q, exc)
+                continue
+            if q.errors:
+                log.info("queue_recovered", queue=q.url, after_errors=q.errors)
+                await self.store.append(ev.QueueRecovered(after_errors=q.errors, queue=q.url))
+                q.errors = 0
+            if await self._take(body, pull_id, q):
+                return 0.0
+            self.empty_polls += 1
+            q.idle_until = time.monotonic() + self.settings.poll_interval_s
+        return 0.0
 
-    async def _take(self, body: bytes, pull_id: str) -> float:
-        """Record what the queue answered and start routing it; returns a pause."""
+    async def _queue_failed(self, q: QueueSource, exc: QueueUnavailable) -> None:
+        q.errors += 1
+        self.queue_errors += 1
+        settings = self.settings
+        backoff = queue_backoff_s(
+            q.errors, settings.queue_backoff_step_s, settings.queue_backoff_max_s
+        )
+        q.retry_at = time.monotonic() + backoff
+        log.warning(
+            "queue_unreachable", queue=q.url, errors=q.errors, backoff_s=backoff, error=str(exc)
+        )
+        await self.store.append(
+            ev.QueueUnreachable(
+                consecutive_errors=q.errors, backoff_s=backoff, reason=str(exc), queue=q.url
+            )
+        )
+
+    async def _take(self, body: bytes, pull_id: str, q: QueueSource) -> bool:
+        """Record what the queue answered and start routing it; ``False`` when it was empty."""
         try:
             task = parse_task(body, max_code_bytes=self.settings.max_code_bytes)
         except InvalidTask as bad:
             self._open_pull = None
-            log.warning("task_rejected", reason=bad.reason, eval_id=bad.eval_id)
+            log.warning("task_rejected", reason=bad.reason, eval_id=bad.eval_id, queue=q.url)
             await self.store.append(
                 ev.TaskRejected(
-                    pull_id=pull_id, eval_id=bad.eval_id, reason=bad.reason, excerpt=bad.excerpt
+                    pull_id=pull_id,
+                    eval_id=bad.eval_id,
+                    reason=bad.reason,
+                    excerpt=bad.excerpt,
+                    queue=q.url,
                 )
             )
-            return 0.0
+            return True
         if task is None:
-            self.empty_polls += 1
-            return self.settings.poll_interval_s
+            return False
         self._open_pull = None
         self.reserved += 1
         if task.lease_s is not None:
             self.leases[task.eval_id] = task.lease_s
+            self._lease_queue[task.eval_id] = q.client
         try:
             await self.store.append(
                 ev.TaskPulled(
@@ -309,14 +431,17 @@ class Router:
                     task=task,
                     code_bytes=len(task.code.encode()),
                     lease_s=task.lease_s,
+                    queue=q.url,
                 )
             )
         except BaseException:
             self.reserved -= 1
             self.leases.pop(task.eval_id, None)
+            self._lease_queue.pop(task.eval_id, None)
             raise
-        self._spawn(task)
-        return 0.0
+        q.pulled += 1
+        self._spawn(task, q.url)
+        return True
 
     async def _renew_leases(self) -> None:
         """Keep the leases of tasks in flight: renew each at a third of its length."""
@@ -325,7 +450,10 @@ class Router:
             await asyncio.sleep(max(period, 0.05))
             leases = dict(self.leases)
             results = await asyncio.gather(
-                *(self.queue.renew(eval_id, lease_s) for eval_id, lease_s in leases.items()),
+                *(
+                    self._lease_queue.get(eval_id, self.queue).renew(eval_id, lease_s)
+                    for eval_id, lease_s in leases.items()
+                ),
                 return_exceptions=True,
             )
             for eval_id, held in zip(leases, results, strict=True):
@@ -336,49 +464,80 @@ class Router:
 
     # --- routing -------------------------------------------------------------
 
-    async def _select(self, avoid: set[str]) -> ExecutorState | None:
-        """Reserve a slot on a healthy executor, or ``None`` when none is healthy.
+    async def _select(self, task: ev.Task, avoid: set[str]) -> Selection | None:
+        """Reserve a slot on a routable executor, or ``None`` when none is routable.
 
         Executors in ``avoid`` (those a task already failed on) are used only when no
-        other one is healthy.
+        other one is routable.
         """
         pool = self.pool
+        key = task.routing_key if self.balancer.name == "sticky" else None
         while True:
-            if not pool.any_healthy():
+            members = list(pool.executors)
+            if not any(x.routable for x in members):
                 return None
-            others = [x for x in pool.executors if x.url not in avoid]
-            pick_from = others if any(x.healthy for x in others) else pool.executors
-            index = self.balancer.choose(pick_from)
-            if index is None:  # all full: wait for a slot (or a health change)
-                await self._wait_for_slot(pick_from)
+            others = [x for x in members if x.url not in avoid]
+            pick_from = others if any(x.routable for x in others) else members
+            decision = self.balancer.decide([x.snapshot() for x in pick_from], key)
+            if decision is None:  # all full: wait for a slot (or a health change)
+                await self._wait_for_slot(pick_from, pool.membership)
                 continue
-            chosen = pick_from[index]
+            candidates = [x.candidate() for x in members]
+            chosen = pick_from[decision.index]
             chosen.in_flight += 1
             if pool.is_stale(chosen) and not await pool.check(chosen):
                 chosen.in_flight -= 1
                 await pool.notify()
                 continue
-            return chosen
+            why = decision.why
+            skipped = sorted(url for url in avoid if url in {x.url for x in members})
+            if skipped and pick_from is others:
+                why += f"; not {', '.join(skipped)} (failed this task before)"
+            elif skipped:
+                why += "; every routable executor failed this task before"
+            return Selection(chosen, why, decision.key, candidates)
 
-    async def _wait_for_slot(self, executors: list[ExecutorState]) -> None:
+    async def _wait_for_slot(self, executors: list[ExecutorState], membership: int) -> None:
         pool = self.pool
-        async with pool.changed:
-            await pool.changed.wait_for(
-                lambda: not pool.any_healthy() or any(eligible(x) for x in executors)
-            )
 
-    async def _route(self, task: ev.Task, first_attempt: int = 1) -> None:
+        def ready() -> bool:
+            if pool.membership != membership or not pool.any_healthy():
+                return True
+            group = [x for x in executors if not x.removed]
+            if not any(x.routable for x in group):
+                return True  # the executors to pick from change
+            return any(x.routable and x.in_flight < x.capacity for x in group)
+
+        async with pool.changed:
+            await pool.changed.wait_for(ready)
+
+    async def _route(self, task: ev.Task, queue: str, first_attempt: int = 1) -> None:
         """Route ``task`` until it is terminal: retry retryable failures elsewhere."""
         log_ = log.bind(eval_id=task.eval_id)
         try:
             terminal = await self._attempts(task, first_attempt, log_)
-            await self._append_terminal(terminal)
+            await self._append_terminal(msgspec.structs.replace(terminal, queue=queue))
         except RECORDING_ERRORS as exc:
             log_.error("task_outcome_not_recorded", error=str(exc))
         finally:
             self.reserved -= 1
             self.leases.pop(task.eval_id, None)
+            self._lease_queue.pop(task.eval_id, None)
             await self.pool.notify()
+
+    async def _observe(self, chosen: ExecutorState, outcome: Executed | ExecutionFailed) -> None:
+        """Feed the outcome to the executor's latency average, health and ejection count."""
+        pool = self.pool
+        if isinstance(outcome, Executed):
+            pool.dispatch_succeeded(chosen, outcome.duration_ms)
+            return
+        chosen.failures += 1
+        if outcome.reason not in ("executor_unreachable", "executor_http_error"):
+            chosen.observe_latency(outcome.duration_ms)  # it answered, or took too long
+        if outcome.unreachable:
+            await pool.record_health(chosen, False, outcome.error, None, at_once=True)
+        detail, _ = cap_text(outcome.error, EJECT_REASON_BYTES)
+        await pool.dispatch_failed(chosen, f"{outcome.reason}: {detail}", outcome.retryable)
 
     async def _attempts(
         self, task: ev.Task, first_attempt: int, log_: Any
@@ -389,9 +548,8 @@ class Router:
         avoid: set[str] = set()
         attempt = first_attempt
         while True:
-            candidates = [x.candidate() for x in self.pool.executors]
-            chosen = await self._select(avoid)
-            if chosen is None:
+            selection = await self._select(task, avoid)
+            if selection is None:
                 log_.warning("no_healthy_executor", attempt=attempt)
                 error = "no healthy executor available"
                 return ev.TaskFailed(
@@ -403,6 +561,7 @@ class Router:
                         attempt=attempt, executor=None, reason=NO_HEALTHY_EXECUTOR, error=error
                     )],
                 )  # fmt: skip
+            chosen = selection.executor
             try:
                 await self.store.append(
                     ev.ExecutorSelected(
@@ -410,7 +569,9 @@ class Router:
                         executor=chosen.url,
                         strategy=self.balancer.name,
                         attempt=attempt,
-                        candidates=candidates,
+                        candidates=selection.candidates,
+                        why=selection.why,
+                        key=selection.key,
                     ),
                     ev.TaskDispatched(
                         eval_id=task.eval_id,
@@ -425,6 +586,7 @@ class Router:
                 )
             finally:
                 chosen.in_flight -= 1
+            await self._observe(chosen, outcome)
             if isinstance(outcome, Executed):
                 log_.info("task_completed", executor=chosen.url, ms=round(outcome.duration_ms, 1))
                 return ev.TaskCompleted(
@@ -434,10 +596,6 @@ class Router:
                     result=outcome.result,
                     duration_ms=outcome.duration_ms,
                 )
-            assert isinstance(outcome, ExecutionFailed)
-            chosen.failures += 1
-            if outcome.unreachable:
-                await self.pool.record_health(chosen, False, outcome.error, None)
             error, _ = cap_text(outcome.error, settings.max_output_bytes)
             failures.append(
                 ev.AttemptFailure(

@@ -39,27 +39,44 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     timeout: float | None = None
     priority: int | None = None
     lease_s: float | None = None
+    affinity_key: str | None = None
+    session_id: str | None = None
+
+    @property
+    def routing_key(self) -> str:
+        """What the sticky strategy hashes: ``affinity_key``, else ``session_id``, else the id."""
+        return self.affinity_key or self.session_id or self.eval_id
 
 
 class Candidate(msgspec.Struct, frozen=True, kw_only=True):
-    """One executor as the balancer saw it when it chose."""
+    """One executor as the balancer saw it when it chose. ``healthy`` is the health
+    checks' verdict; an ``ejected`` executor is not routed to either. ``latency_ms``
+    is the moving average (EWMA) of its recent ``/execute`` answers, when there were any."""
 
     executor: str
     healthy: bool
     in_flight: int
     capacity: int
+    latency_ms: float | None = None
+    ejected: bool = False
 
 
 # --- lifecycle -------------------------------------------------------------
 
 
 class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
-    """A worker process started: its version, executors, strategy and capacity."""
+    """A worker process started: its version, executors, strategy and capacity.
+
+    ``discovery`` names where the executors come from (``compose``, ``list``, ``dns``);
+    ``queues`` are the queues it pulls from, highest priority first.
+    """
 
     version: str
     executors: list[str]
     strategy: str
     capacity: int
+    discovery: str = "compose"
+    queues: list[str] = msgspec.field(default_factory=list)
 
 
 class WorkerStopped(Event, frozen=True, kw_only=True, tag="worker.stopped"):
@@ -84,13 +101,15 @@ class PullStarted(Event, frozen=True, kw_only=True, tag="pull.started"):
 
 class TaskPulled(Event, frozen=True, kw_only=True, tag="task.pulled"):
     """The queue handed us a task (it is now "running" there). Holds the task,
-    so a recovery can dispatch it again; ``lease_s`` when the queue leased it."""
+    so a recovery can dispatch it again; ``lease_s`` when the queue leased it;
+    ``queue`` is the queue it came from (``None``: ``QUEUE_SERVICE_URL``)."""
 
     eval_id: str
     pull_id: str
     task: Task
     code_bytes: int
     lease_s: float | None = None
+    queue: str | None = None
 
 
 class PullInterrupted(Event, frozen=True, kw_only=True, tag="pull.interrupted"):
@@ -106,39 +125,47 @@ class PullInterrupted(Event, frozen=True, kw_only=True, tag="pull.interrupted"):
 
 
 class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
-    """The queue's answer was not a valid task. ``eval_id`` is set when one was usable."""
+    """The queue's answer was not a valid task. ``eval_id`` is set when one was usable;
+    ``queue`` is the queue that answered (``None``: ``QUEUE_SERVICE_URL``)."""
 
     pull_id: str
     eval_id: str | None = None
     reason: str
     excerpt: str
+    queue: str | None = None
 
 
 class QueueUnreachable(Event, frozen=True, kw_only=True, tag="queue.unreachable"):
-    """A poll of the queue failed; the worker waits ``backoff_s`` before the next."""
+    """A poll of ``queue`` failed; the worker polls that queue again after ``backoff_s``
+    (the other queues are polled meanwhile). ``queue`` ``None``: ``QUEUE_SERVICE_URL``."""
 
     consecutive_errors: int
     backoff_s: float
     reason: str
+    queue: str | None = None
 
 
 class QueueRecovered(Event, frozen=True, kw_only=True, tag="queue.recovered"):
-    """A poll succeeded after ``after_errors`` failures."""
+    """A poll of ``queue`` succeeded after ``after_errors`` failures."""
 
     after_errors: int
+    queue: str | None = None
 
 
 # --- routing and execution -------------------------------------------------
 
 
 class ExecutorSelected(Event, frozen=True, kw_only=True, tag="executor.selected"):
-    """A routing decision, with every candidate as the strategy saw it."""
+    """A routing decision, with every candidate as the strategy saw it and ``why``
+    this one won; ``key`` is the hashed key of the ``sticky`` strategy."""
 
     eval_id: str
     executor: str
     strategy: str
     attempt: int
     candidates: list[Candidate]
+    why: str = ""
+    key: str | None = None
 
 
 class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
@@ -151,7 +178,8 @@ class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
-    """The executor answered ``status: completed``; ``result`` is its answer.
+    """The executor answered ``status: completed``; ``result`` is its answer;
+    ``queue`` is where the task came from (``None``: ``QUEUE_SERVICE_URL``).
 
     With ``truncated`` the output in ``result`` was cut to ``MAX_OUTPUT_BYTES``;
     the full result is kept under ``{<prefix>}:result:<eval_id>`` for the
@@ -164,6 +192,7 @@ class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
     result: dict[str, Any]
     duration_ms: float
     truncated: bool = False
+    queue: str | None = None
 
 
 class AttemptFailure(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,7 +205,8 @@ class AttemptFailure(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
-    """Terminal failure. ``reason`` is a stable code, ``error`` the text sent on."""
+    """Terminal failure. ``reason`` is a stable code, ``error`` the text sent on;
+    ``queue`` is where the task came from (the report goes there)."""
 
     eval_id: str
     executor: str | None = None
@@ -187,6 +217,7 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     duration_ms: float = 0.0
     truncated: bool = False
     attempts: list[AttemptFailure] = msgspec.field(default_factory=list)
+    queue: str | None = None
 
 
 class TaskRetryScheduled(Event, frozen=True, kw_only=True, tag="task.retry_scheduled"):
@@ -233,12 +264,67 @@ class TaskReported(Event, frozen=True, kw_only=True, tag="task.reported"):
 
 
 class ExecutorHealthChanged(Event, frozen=True, kw_only=True, tag="executor.health_changed"):
-    """An executor flipped between healthy and unhealthy (only flips are appended)."""
+    """An executor flipped between healthy and unhealthy (only flips are appended).
+
+    ``checks`` is how many checks in a row agreed (``HEALTHY_THRESHOLD`` /
+    ``UNHEALTHY_THRESHOLD``); a refused connection on dispatch flips at once.
+    """
 
     executor: str
     healthy: bool
     reason: str
     latency_ms: float | None = None
+    checks: int = 1
+
+
+class ExecutorEjected(Event, frozen=True, kw_only=True, tag="executor.ejected"):
+    """Passive ejection: ``consecutive_failures`` retryable dispatch failures in a row.
+
+    No task is routed to the executor for ``ejection_s`` (``EJECT_BASE_S`` doubled
+    for each earlier ejection in ``ejections``, capped at ``EJECT_MAX_S``); it
+    rejoins after a passed health check once that time is over.
+    """
+
+    executor: str
+    consecutive_failures: int
+    ejection_s: float
+    ejections: int
+    reason: str
+
+
+class ExecutorRejoined(Event, frozen=True, kw_only=True, tag="executor.rejoined"):
+    """An ejected executor passed a health check after its ejection time: routable again."""
+
+    executor: str
+    ejected_s: float
+    reason: str
+
+
+class ExecutorAdded(Event, frozen=True, kw_only=True, tag="executor.added"):
+    """Discovery found a new executor (``provider``: ``dns``, ``list`` or ``compose``)."""
+
+    executor: str
+    provider: str
+    capacity: int
+
+
+class ExecutorRemoved(Event, frozen=True, kw_only=True, tag="executor.removed"):
+    """Discovery no longer lists the executor. No new task goes there; the
+    ``in_flight`` tasks it still runs finish normally."""
+
+    executor: str
+    provider: str
+    in_flight: int
+
+
+class ExecutorCapacityChanged(Event, frozen=True, kw_only=True, tag="executor.capacity_changed"):
+    """The executor's capacity changed: learned from its ``GET /health`` answer
+    (``LEARN_CAPACITY``); ``previous`` is the capacity used until now."""
+
+    executor: str
+    capacity: int
+    previous: int
+    source: str
 
 
 AnyEvent = (
@@ -259,6 +345,11 @@ AnyEvent = (
     | TaskFailed
     | TaskReported
     | ExecutorHealthChanged
+    | ExecutorEjected
+    | ExecutorRejoined
+    | ExecutorAdded
+    | ExecutorRemoved
+    | ExecutorCapacityChanged
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -278,6 +369,11 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TaskRecovered,
     TaskReported,
     ExecutorHealthChanged,
+    ExecutorEjected,
+    ExecutorRejoined,
+    ExecutorAdded,
+    ExecutorRemoved,
+    ExecutorCapacityChanged,
     EntryDeadLettered,
 )
 

@@ -30,6 +30,14 @@ class Counters(msgspec.Struct):
     dead_lettered: int = 0
 
 
+class QueueView(msgspec.Struct):
+    """One queue's reachability as one worker saw it."""
+
+    reachable: bool = True
+    consecutive_errors: int = 0
+    errors: int = 0
+
+
 class WorkerView(msgspec.Struct):
     started_ts: int | None = None
     stopped_ts: int | None = None
@@ -37,8 +45,9 @@ class WorkerView(msgspec.Struct):
     running: bool = False
     counters: Counters = msgspec.field(default_factory=Counters)
     open_pull: str | None = None
-    queue_reachable: bool = True
-    queue_consecutive_errors: int = 0
+    queue_reachable: bool = True  # every queue (QUEUE_SERVICE_URLS) is reachable
+    queue_consecutive_errors: int = 0  # the most of any queue
+    queues: dict[str, QueueView] = msgspec.field(default_factory=dict)  # "" is QUEUE_SERVICE_URL
 
 
 class ExecutorView(msgspec.Struct):
@@ -49,6 +58,11 @@ class ExecutorView(msgspec.Struct):
     completed: int = 0
     failed: int = 0
     in_flight: int = 0
+    ejected: bool = False
+    ejected_until_ts: int | None = None
+    ejections: int = 0
+    removed: bool = False
+    capacity: int | None = None
 
 
 class TaskView(msgspec.Struct):
@@ -61,6 +75,7 @@ class TaskView(msgspec.Struct):
     stage: str = "pulled"
     executor: str | None = None
     attempt: int = 0
+    queue: str | None = None
 
 
 class StatusView(msgspec.Struct):
@@ -91,6 +106,18 @@ def _executor(view: StatusView, url: str) -> ExecutorView:
     if x is None:
         x = view.executors[url] = ExecutorView()
     return x
+
+
+def _queue(w: WorkerView, queue: str | None) -> QueueView:
+    q = w.queues.get(queue or "")
+    if q is None:
+        q = w.queues[queue or ""] = QueueView()
+    return q
+
+
+def _queues_summary(w: WorkerView) -> None:
+    w.queue_reachable = all(q.reachable for q in w.queues.values())
+    w.queue_consecutive_errors = max((q.consecutive_errors for q in w.queues.values()), default=0)
 
 
 def _end_attempt(view: StatusView, task: TaskView | None) -> None:
@@ -128,6 +155,7 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
                 pulled_ts=entry.ts,
                 pulled_id=entry.id,
                 leased=e.lease_s is not None,
+                queue=e.queue,
             )
         case ev.PullInterrupted():
             c.pulls_interrupted += 1
@@ -140,11 +168,14 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
                 view.unreported[e.eval_id] = "failed"
         case ev.QueueUnreachable():
             c.queue_errors += 1
-            w.queue_reachable = False
-            w.queue_consecutive_errors = e.consecutive_errors
+            q = _queue(w, e.queue)
+            q.reachable, q.consecutive_errors = False, e.consecutive_errors
+            q.errors += 1
+            _queues_summary(w)
         case ev.QueueRecovered():
-            w.queue_reachable = True
-            w.queue_consecutive_errors = 0
+            q = _queue(w, e.queue)
+            q.reachable, q.consecutive_errors = True, 0
+            _queues_summary(w)
         case ev.ExecutorSelected():
             task = view.in_flight.get(e.eval_id)
             if task is not None:
@@ -194,6 +225,20 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
         case ev.ExecutorHealthChanged():
             x = _executor(view, e.executor)
             x.healthy, x.health_changed_ts, x.health_reason = e.healthy, entry.ts, e.reason
+        case ev.ExecutorEjected():
+            x = _executor(view, e.executor)
+            x.ejected, x.ejections = True, x.ejections + 1
+            x.ejected_until_ts = entry.ts + round(e.ejection_s * 1000)
+        case ev.ExecutorRejoined():
+            x = _executor(view, e.executor)
+            x.ejected, x.ejected_until_ts = False, None
+        case ev.ExecutorAdded():
+            x = _executor(view, e.executor)
+            x.removed, x.capacity = False, e.capacity
+        case ev.ExecutorRemoved():
+            _executor(view, e.executor).removed = True
+        case ev.ExecutorCapacityChanged():
+            _executor(view, e.executor).capacity = e.capacity
     return view
 
 
