@@ -77,6 +77,10 @@ class Settings:
     stream_maxlen: int = 1_000_000
     retention_interval_s: float = 30.0
     event_buffer_max: int = 10_000
+    shared_capacity: bool = False
+    takeover_interval_s: float = 5.0
+    heartbeat_interval_s: float = 2.0
+    dead_after_s: float = 10.0
     stream_prefix: str = "queue-worker"
     projector_block_ms: int = 1000
     projector_batch: int = 256
@@ -290,6 +294,7 @@ class _Reader:
         if any(c in prefix for c in "{} \t\n"):
             raise ConfigError("STREAM_PREFIX", "must not contain braces or white space")
         step = self.number("QUEUE_BACKOFF_STEP_S", d.queue_backoff_step_s)
+        heartbeat = self.number("HEARTBEAT_INTERVAL_S", d.heartbeat_interval_s, minimum=0.05)
         queue_urls, queue_weights = self.queues()
         queue_url = self.raw("QUEUE_SERVICE_URL")
         dns_name = self.raw("EXECUTOR_DNS_NAME")
@@ -384,6 +389,12 @@ class _Reader:
                 "RETENTION_INTERVAL_S", d.retention_interval_s, minimum=0.01
             ),
             event_buffer_max=self.integer("EVENT_BUFFER_MAX", d.event_buffer_max, minimum=1),
+            shared_capacity=self.get("SHARED_CAPACITY", d.shared_capacity, _boolean),
+            takeover_interval_s=self.number(
+                "TAKEOVER_INTERVAL_S", d.takeover_interval_s, minimum=0.05
+            ),
+            heartbeat_interval_s=heartbeat,
+            dead_after_s=self.number("DEAD_AFTER_S", d.dead_after_s, minimum=2 * heartbeat),
             stream_prefix=prefix,
             projector_block_ms=self.integer(
                 "PROJECTOR_BLOCK_MS", d.projector_block_ms, minimum=1, maximum=60_000
@@ -500,6 +511,10 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("STREAM_MAXLEN", "1000000", "approximate stream length kept; 0 never trims"),
     ("RETENTION_INTERVAL_S", "30", "how often the stream is trimmed"),
     ("EVENT_BUFFER_MAX", "10000", "events held in memory while Redis is unreachable"),
+    ("SHARED_CAPACITY", "false", "replicas lease executor slots in Redis (capacity shared)"),
+    ("TAKEOVER_INTERVAL_S", "5", "how often a replica looks for dead peers to take over"),
+    ("HEARTBEAT_INTERVAL_S", "2", "how often a worker refreshes its liveness key"),
+    ("DEAD_AFTER_S", "10", "a worker whose liveness key is this old is dead (its TTL)"),
     ("STREAM_PREFIX", "queue-worker", "stream key is {<prefix>}:events"),
     ("PROJECTOR_BLOCK_MS", "1000", "how long a projector blocks on an empty stream"),
     ("PROJECTOR_BATCH", "256", "entries a projector reads at once"),

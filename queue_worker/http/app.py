@@ -47,10 +47,6 @@ from queue_worker.streams.store import EventStore
 log = structlog.get_logger(__name__)
 
 
-HEARTBEAT_INTERVAL_S = 2.0
-ALIVE_TTL_MS = 10_000  # a worker silent this long is taken for dead
-
-
 class RedisUnavailable(QueueWorkerError):
     """Redis could not be reached at start-up."""
 
@@ -187,15 +183,16 @@ async def _retain(app: web.Application) -> None:
 
 async def _heartbeat(app: web.Application) -> None:
     """Keep this worker's liveness key: peers take over a worker whose key expired."""
-    store, worker_id = app[STORE], app[SETTINGS].worker_id
+    settings, store = app[SETTINGS], app[STORE]
+    ttl_ms = int(settings.dead_after_s * 1000)
     while True:
         try:
-            await store.redis.set(store.keys.alive(worker_id), __version__, px=ALIVE_TTL_MS)
+            await store.redis.set(store.keys.alive(settings.worker_id), __version__, px=ttl_ms)
             store.redis_state(ok=True)
         except REDIS_DOWN as exc:
             store.redis_state(ok=False)
             log.warning("heartbeat_failed", error=str(exc))
-        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+        await asyncio.sleep(settings.heartbeat_interval_s)
 
 
 async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:

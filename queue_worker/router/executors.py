@@ -79,6 +79,7 @@ class ExecutorState:
     ejections: int = 0
     last_ejection_end: float | None = None
     removed: bool = False
+    fleet_in_flight: int = 0  # every replica's, from the shared slots (SHARED_CAPACITY)
 
     def __post_init__(self) -> None:
         self.configured_capacity = self.configured_capacity or self.capacity
@@ -98,7 +99,7 @@ class ExecutorState:
         return Snapshot(
             url=self.url,
             healthy=self.routable,
-            in_flight=self.in_flight,
+            in_flight=max(self.in_flight, self.fleet_in_flight),
             capacity=self.capacity,
             latency_ms=self.routing_latency_ms(),
         )

@@ -8,6 +8,7 @@ appended before the next step that depends on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -26,6 +27,7 @@ from queue_worker.router.balancer import make_balancer
 from queue_worker.router.discovery import DiscoveryError, Resolver, StaticDiscovery, discovery_for
 from queue_worker.router.dispatch import Executed, ExecutionFailed, execute
 from queue_worker.router.executors import ExecutorPool, ExecutorState
+from queue_worker.router.fleet import SharedSlots, claim, dead_workers, release_claim
 from queue_worker.router.queue_client import (
     InvalidTask,
     QueueClient,
@@ -44,6 +46,8 @@ NO_HEALTHY_EXECUTOR = "no_healthy_executor"
 RECORDING_ERRORS = (aioredis.RedisError, OSError, QueueWorkerError)
 RESULT_TTL_S = 7 * 24 * 3600
 STOP_RECORD_TIMEOUT_S = 5.0
+SLOT_POLL_S = 0.02  # with shared slots, how soon a replica looks again for a free one
+SLOT_SLACK_S = 30.0  # a slot outlives its dispatch's HTTP timeout by this much
 EJECT_REASON_BYTES = 200
 
 
@@ -101,6 +105,7 @@ class Selection:
     why: str
     key: str | None
     candidates: list[ev.Candidate]
+    slot: str | None = None  # the fleet-wide slot leased for it (SHARED_CAPACITY)
 
 
 class Router:
@@ -154,6 +159,7 @@ class Router:
         self.balancer = make_balancer(
             settings.routing_strategy, self.rng, dict(settings.executor_weights)
         )
+        self.slots = SharedSlots(store.redis, store.keys) if settings.shared_capacity else None
         self.reserved = 0  # tasks pulled and not yet terminal
         self.polls = 0
         self.empty_polls = 0
@@ -204,6 +210,8 @@ class Router:
         ]
         if self.discovery.interval_s is not None:
             self._helpers.append(asyncio.create_task(self._discover(self.discovery.interval_s)))
+        if self.view is not None:
+            self._helpers.append(asyncio.create_task(self._take_over_dead_peers(self.view)))
         await self.pool.check_all()
         if self.view is not None:
             await self.recover(self.view)
@@ -257,23 +265,62 @@ class Router:
 
     # --- recovery ------------------------------------------------------------
 
-    async def recover(self, view: StatusView) -> None:
-        """Finish what a previous run of this worker left: open pulls and unfinished tasks."""
+    async def recover(self, view: StatusView, owner: str | None = None) -> None:
+        """Finish what a worker left: open pulls and unfinished tasks.
+
+        ``owner`` is a dead peer being taken over; by default this worker's own
+        previous run, unless a peer is taking it over right now.
+        """
         me = self.settings.worker_id
-        mine = view.workers.get(me)
+        keys = self.store.keys
+        if owner is None and not await claim(self.store.redis, keys.takeover(me), me):
+            log.warning("recovery_left_to_peer", holder="another replica")
+            return
+        try:
+            await self._recover(view, owner or me, taken_from=owner)
+        finally:
+            if owner is None:
+                await release_claim(self.store.redis, keys.takeover(me), me)
+
+    async def _recover(self, view: StatusView, owner: str, taken_from: str | None) -> None:
+        mine = view.workers.get(owner)
         if mine is not None and mine.open_pull is not None:
             counts = await asyncio.gather(*(q.client.running_count() for q in self.queues))
             known = [n for n in counts if n is not None]
             running = sum(known) if known else None
             log.warning("pull_interrupted", pull_id=mine.open_pull, queue_running=running)
             await self.store.append(
-                ev.PullInterrupted(pull_id=mine.open_pull, queue_running=running)
+                ev.PullInterrupted(pull_id=mine.open_pull, queue_running=running, owner=taken_from)
             )
         for eval_id, state in list(view.in_flight.items()):
-            if state.worker_id == me:
-                await self._recover_task(eval_id, state.pulled_id, state.stage, state.attempt)
+            if state.worker_id == owner:
+                await self._recover_task(
+                    eval_id, state.pulled_id, state.stage, state.attempt, taken_from
+                )
 
-    async def _recover_task(self, eval_id: str, pulled_id: str, stage: str, attempt: int) -> None:
+    async def _take_over_dead_peers(self, view: StatusView) -> None:
+        """Every ``TAKEOVER_INTERVAL_S``: recover the tasks of peers whose liveness key is
+        gone; a takeover claim makes exactly one replica do it."""
+        me, redis, keys = self.settings.worker_id, self.store.redis, self.store.keys
+        while True:
+            await asyncio.sleep(self.settings.takeover_interval_s)
+            owners = {t.worker_id for t in view.in_flight.values()}
+            owners |= {w for w, v in view.workers.items() if v.open_pull is not None}
+            owners.discard(me)
+            try:
+                for dead in await dead_workers(redis, keys, sorted(owners)):
+                    if not await claim(redis, keys.takeover(dead), me, keep=True):
+                        continue
+                    if not await dead_workers(redis, keys, [dead]):
+                        continue  # it came back meanwhile: its own start recovers it
+                    log.warning("taking_over", worker=dead)
+                    await self.recover(view, owner=dead)
+            except RECORDING_ERRORS as exc:
+                log.error("takeover_failed", error=str(exc))
+
+    async def _recover_task(
+        self, eval_id: str, pulled_id: str, stage: str, attempt: int, taken_from: str | None
+    ) -> None:
         raws = await self.store.redis.xrange(self.store.keys.events, pulled_id, pulled_id)
         pulled = parse_pulled(raws)
         queue_url = None if pulled is None else pulled.queue
@@ -281,7 +328,11 @@ class Router:
 
         def recovered(action: Any) -> ev.TaskRecovered:
             return ev.TaskRecovered(
-                eval_id=eval_id, action=action, stage=stage, previous_attempt=attempt
+                eval_id=eval_id,
+                action=action,
+                stage=stage,
+                previous_attempt=attempt,
+                owner=taken_from,
             )
 
         if pulled is not None and pulled.lease_s is not None:
@@ -330,6 +381,14 @@ class Router:
                 return
             if not self.store.available:  # no pull while its events could not be recorded
                 await asyncio.sleep(0.2)
+                continue
+            try:
+                room = await self._fleet_has_room()
+            except RECORDING_ERRORS as exc:
+                log.error("fleet_slots_unreadable", error=str(exc))
+                room = False
+            if not room:
+                await asyncio.sleep(SLOT_POLL_S)
                 continue
             self._in_pull = True
             try:
@@ -476,11 +535,20 @@ class Router:
             members = list(pool.executors)
             if not any(x.routable for x in members):
                 return None
+            if self.slots is not None:
+                counts = await self.slots.in_use([x.url for x in members])
+                for x in members:
+                    x.fleet_in_flight = counts[x.url]
             others = [x for x in members if x.url not in avoid]
             pick_from = others if any(x.routable for x in others) else members
             decision = self.balancer.decide([x.snapshot() for x in pick_from], key)
             if decision is None:  # all full: wait for a slot (or a health change)
-                await self._wait_for_slot(pick_from, pool.membership)
+                if self.slots is None:
+                    await self._wait_for_slot(pick_from, pool.membership)
+                else:  # other replicas free slots without telling us: look again soon
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SLOT_POLL_S):
+                            await self._wait_for_slot(pick_from, pool.membership)
                 continue
             candidates = [x.candidate() for x in members]
             chosen = pick_from[decision.index]
@@ -489,13 +557,43 @@ class Router:
                 chosen.in_flight -= 1
                 await pool.notify()
                 continue
+            slot = await self._lease_slot(chosen, task)
+            if slot is False:  # the fleet filled it meanwhile
+                chosen.in_flight -= 1
+                chosen.fleet_in_flight = chosen.capacity
+                await asyncio.sleep(SLOT_POLL_S)
+                continue
             why = decision.why
             skipped = sorted(url for url in avoid if url in {x.url for x in members})
             if skipped and pick_from is others:
                 why += f"; not {', '.join(skipped)} (failed this task before)"
             elif skipped:
                 why += "; every routable executor failed this task before"
-            return Selection(chosen, why, decision.key, candidates)
+            return Selection(
+                chosen, why, decision.key, candidates, slot if isinstance(slot, str) else None
+            )
+
+    async def _lease_slot(self, chosen: ExecutorState, task: ev.Task) -> str | bool:
+        """A fleet-wide slot on ``chosen`` (its token), ``False`` when the fleet has none
+        free there, ``True`` when slots are not shared."""
+        if self.slots is None:
+            return True
+        token = f"{self.settings.worker_id}:{task.eval_id}:{uuid.uuid4().hex[:8]}"
+        timeout_s = task.timeout or self.settings.default_task_timeout_s
+        ttl_ms = int((timeout_s + self.settings.dispatch_margin_s + SLOT_SLACK_S) * 1000)
+        if await self.slots.acquire(chosen.url, token, chosen.capacity, ttl_ms):
+            return token
+        return False
+
+    async def _fleet_has_room(self) -> bool:
+        """With shared slots: whether the fleet leaves a slot for one more task of ours."""
+        if self.slots is None:
+            return True
+        routable = [x for x in self.pool.executors if x.routable]
+        counts = await self.slots.in_use([x.url for x in routable])
+        used = sum(max(counts[x.url], x.in_flight) for x in routable)
+        waiting = self.reserved - sum(x.in_flight for x in self.pool.executors)
+        return used + waiting < sum(x.capacity for x in routable)
 
     async def _wait_for_slot(self, executors: list[ExecutorState], membership: int) -> None:
         pool = self.pool
@@ -586,6 +684,8 @@ class Router:
                 )
             finally:
                 chosen.in_flight -= 1
+                if self.slots is not None and selection.slot is not None:
+                    await self.slots.release(chosen.url, selection.slot)
             await self._observe(chosen, outcome)
             if isinstance(outcome, Executed):
                 log_.info("task_completed", executor=chosen.url, ms=round(outcome.duration_ms, 1))

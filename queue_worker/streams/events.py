@@ -122,6 +122,7 @@ class PullInterrupted(Event, frozen=True, kw_only=True, tag="pull.interrupted"):
 
     pull_id: str
     queue_running: int | None = None
+    owner: str | None = None  # the worker that had the pull, when another one recovered it
 
 
 class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
@@ -232,14 +233,16 @@ class TaskRetryScheduled(Event, frozen=True, kw_only=True, tag="task.retry_sched
 
 
 class TaskRecovered(Event, frozen=True, kw_only=True, tag="task.recovered"):
-    """Found unfinished at start-up. ``action``: ``redispatch`` (run again as the
-    next attempt), ``fail`` (by ``RECOVERY_POLICY``), or ``lease_lost`` (the
-    queue took the task back: it will hand it out again)."""
+    """Found unfinished at start-up, or taken over from a dead replica (``owner``).
+    ``action``: ``redispatch`` (run again as the next attempt), ``fail`` (by
+    ``RECOVERY_POLICY``), or ``lease_lost`` (the queue took the task back: it
+    will hand it out again)."""
 
     eval_id: str
     action: Literal["redispatch", "fail", "lease_lost"]
     stage: str
     previous_attempt: int
+    owner: str | None = None  # the dead worker it was taken from, on a takeover
 
 
 class EntryDeadLettered(Event, frozen=True, kw_only=True, tag="entry.dead_lettered"):

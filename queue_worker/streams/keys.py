@@ -28,6 +28,14 @@ class Keys:
         """A worker's liveness key: it exists while the worker runs (refreshed, with a TTL)."""
         return f"{{{self.prefix}}}:alive:{worker_id}"
 
+    def takeover(self, worker_id: str) -> str:
+        """Held by the replica that recovers a dead worker's tasks."""
+        return f"{{{self.prefix}}}:takeover:{worker_id}"
+
+    def slots(self, executor_url: str) -> str:
+        """Fleet-wide in-flight slots of one executor (a sorted set scored by expiry)."""
+        return f"{{{self.prefix}}}:slots:{executor_url}"
+
     def result(self, eval_id: str) -> str:
         """Where a result too large for the stream is kept in full."""
         return f"{{{self.prefix}}}:result:{eval_id}"

@@ -159,8 +159,9 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             )
         case ev.PullInterrupted():
             c.pulls_interrupted += 1
-            if w.open_pull == e.pull_id:
-                w.open_pull = None
+            owner = _worker(view, e.owner) if e.owner else w
+            if owner.open_pull == e.pull_id:
+                owner.open_pull = None
         case ev.TaskRejected():
             c.rejected += 1
             w.open_pull = None
