@@ -8,7 +8,6 @@ appended before the next step that depends on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -546,9 +545,7 @@ class Router:
                 if self.slots is None:
                     await self._wait_for_slot(pick_from, pool.membership)
                 else:  # other replicas free slots without telling us: look again soon
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(SLOT_POLL_S):
-                            await self._wait_for_slot(pick_from, pool.membership)
+                    await asyncio.sleep(SLOT_POLL_S)
                 continue
             candidates = [x.candidate() for x in members]
             chosen = pick_from[decision.index]
