@@ -55,6 +55,17 @@ class SharedSlots:
     async def release(self, url: str, token: str) -> None:
         await self.redis.zrem(self.keys.slots(url), token)
 
+    async def release_worker(self, urls: list[str], worker_id: str) -> int:
+        """Free every slot a (dead) worker held; returns how many."""
+        freed = 0
+        for url in urls:
+            key = self.keys.slots(url)
+            tokens = await self.redis.zrange(key, 0, -1)
+            mine = [t for t in tokens if t.decode().startswith(f"{worker_id}:")]
+            if mine:
+                freed += await self.redis.zrem(key, *mine)
+        return freed
+
     async def in_use(self, urls: list[str]) -> dict[str, int]:
         """Unexpired slots of each executor, across the fleet (one round trip)."""
         now = now_ms()

@@ -313,6 +313,9 @@ class Router:
                     if not await dead_workers(redis, keys, [dead]):
                         continue  # it came back meanwhile: its own start recovers it
                     log.warning("taking_over", worker=dead)
+                    if self.slots is not None:  # its slots need not wait for their expiry
+                        urls = [x.url for x in self.pool.executors]
+                        await self.slots.release_worker(urls, dead)
                     await self.recover(view, owner=dead)
             except RECORDING_ERRORS as exc:
                 log.error("takeover_failed", error=str(exc))
