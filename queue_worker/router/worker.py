@@ -465,9 +465,8 @@ class Router:
         try:
             task = parse_task(body, max_code_bytes=self.settings.max_code_bytes)
         except InvalidTask as bad:
-            self._open_pull = None
             log.warning("task_rejected", reason=bad.reason, eval_id=bad.eval_id, queue=q.url)
-            await self.store.append(
+            await self._append_closing_pull(
                 ev.TaskRejected(
                     pull_id=pull_id,
                     eval_id=bad.eval_id,
@@ -479,13 +478,12 @@ class Router:
             return True
         if task is None:
             return False
-        self._open_pull = None
         self.reserved += 1
         if task.lease_s is not None:
             self.leases[task.eval_id] = task.lease_s
             self._lease_queue[task.eval_id] = q.client
         try:
-            await self.store.append(
+            await self._append_closing_pull(
                 ev.TaskPulled(
                     eval_id=task.eval_id,
                     pull_id=pull_id,
@@ -503,6 +501,16 @@ class Router:
         q.pulled += 1
         self._spawn(task, q.url)
         return True
+
+    async def _append_closing_pull(self, outcome: ev.TaskPulled | ev.TaskRejected) -> None:
+        """Append a pull's outcome together with the ``pull.started`` of the next pull:
+        one round trip less before the next ``GET /tasks/next``."""
+        self._open_pull = uuid.uuid4().hex[:16]
+        try:
+            await self.store.append(outcome, ev.PullStarted(pull_id=self._open_pull))
+        except BaseException:
+            self._open_pull = None  # the next poll records its own pull.started
+            raise
 
     async def _renew_leases(self) -> None:
         """Keep the leases of tasks in flight: renew each at a third of its length."""
