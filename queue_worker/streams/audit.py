@@ -27,7 +27,8 @@ def _detail(event: ev.Event) -> str:
                 f"{c.executor}({'up' if c.healthy else 'down'} {c.in_flight}/{c.capacity})"
                 for c in event.candidates
             )
-            return f"{event.executor} by {event.strategy}, attempt {event.attempt}; saw {seen}"
+            why = f" ({event.why})" if event.why else ""
+            return f"{event.executor} by {event.strategy}{why}, attempt {event.attempt}; saw {seen}"
         case ev.TaskDispatched():
             return f"{event.executor} attempt {event.attempt} timeout={event.timeout_s:g}s"
         case ev.TaskCompleted():
