@@ -242,9 +242,15 @@ class Router:
         except (*RECORDING_ERRORS, TimeoutError) as exc:
             log.error("worker_stopped_not_recorded", error=str(exc))
 
-    def _spawn(self, task: ev.Task, queue: str, first_attempt: int = 1) -> None:
+    def _spawn(
+        self,
+        task: ev.Task,
+        queue: str,
+        first_attempt: int = 1,
+        dispatched: Selection | None = None,
+    ) -> None:
         worker = asyncio.create_task(
-            self._route(task, queue, first_attempt), name=f"route-{task.eval_id}"
+            self._route(task, queue, first_attempt, dispatched), name=f"route-{task.eval_id}"
         )
         self._tasks.add(worker)
         worker.add_done_callback(self._tasks.discard)
@@ -482,32 +488,40 @@ class Router:
         if task.lease_s is not None:
             self.leases[task.eval_id] = task.lease_s
             self._lease_queue[task.eval_id] = q.client
+        # Usually an executor can be chosen right away (fresh health, a free slot): then
+        # the pull, the choice and the dispatch are recorded in one append.
+        selection = self._select_now(task)
         try:
+            pulled = ev.TaskPulled(
+                eval_id=task.eval_id,
+                pull_id=pull_id,
+                task=task,
+                code_bytes=len(task.code.encode()),
+                lease_s=task.lease_s,
+                queue=q.url,
+            )
             await self._append_closing_pull(
-                ev.TaskPulled(
-                    eval_id=task.eval_id,
-                    pull_id=pull_id,
-                    task=task,
-                    code_bytes=len(task.code.encode()),
-                    lease_s=task.lease_s,
-                    queue=q.url,
-                )
+                pulled, *(self._dispatch_events(task, selection, 1) if selection else ())
             )
         except BaseException:
+            if selection is not None:
+                selection.executor.in_flight -= 1
             self.reserved -= 1
             self.leases.pop(task.eval_id, None)
             self._lease_queue.pop(task.eval_id, None)
             raise
         q.pulled += 1
-        self._spawn(task, q.url)
+        self._spawn(task, q.url, dispatched=selection)
         return True
 
-    async def _append_closing_pull(self, outcome: ev.TaskPulled | ev.TaskRejected) -> None:
-        """Append a pull's outcome together with the ``pull.started`` of the next pull:
-        one round trip less before the next ``GET /tasks/next``."""
+    async def _append_closing_pull(
+        self, outcome: ev.TaskPulled | ev.TaskRejected, *after: ev.Event
+    ) -> None:
+        """Append a pull's outcome (and ``after`` it) together with the ``pull.started`` of
+        the next pull: one round trip less before the next ``GET /tasks/next``."""
         self._open_pull = uuid.uuid4().hex[:16]
         try:
-            await self.store.append(outcome, ev.PullStarted(pull_id=self._open_pull))
+            await self.store.append(outcome, *after, ev.PullStarted(pull_id=self._open_pull))
         except BaseException:
             self._open_pull = None  # the next poll records its own pull.started
             raise
@@ -532,6 +546,43 @@ class Router:
                     log.warning("lease_renewal_failed", eval_id=eval_id, error=str(held))
 
     # --- routing -------------------------------------------------------------
+
+    def _select_now(self, task: ev.Task) -> Selection | None:
+        """A first choice made without waiting, or ``None`` when it would need to wait
+        (shared slots, a stale health check, nothing free): ``_select`` then decides."""
+        if self.slots is not None:
+            return None
+        members = list(self.pool.executors)
+        key = task.routing_key if self.balancer.name == "sticky" else None
+        decision = self.balancer.decide([x.snapshot() for x in members], key)
+        if decision is None or self.pool.is_stale(members[decision.index]):
+            return None
+        candidates = [x.candidate() for x in members]
+        chosen = members[decision.index]
+        chosen.in_flight += 1
+        return Selection(chosen, decision.why, decision.key, candidates)
+
+    def _dispatch_events(
+        self, task: ev.Task, selection: Selection, attempt: int
+    ) -> tuple[ev.ExecutorSelected, ev.TaskDispatched]:
+        url = selection.executor.url
+        return (
+            ev.ExecutorSelected(
+                eval_id=task.eval_id,
+                executor=url,
+                strategy=self.balancer.name,
+                attempt=attempt,
+                candidates=selection.candidates,
+                why=selection.why,
+                key=selection.key,
+            ),
+            ev.TaskDispatched(
+                eval_id=task.eval_id,
+                executor=url,
+                attempt=attempt,
+                timeout_s=task.timeout or self.settings.default_task_timeout_s,
+            ),
+        )
 
     async def _select(self, task: ev.Task, avoid: set[str]) -> Selection | None:
         """Reserve a slot on a routable executor, or ``None`` when none is routable.
@@ -617,11 +668,19 @@ class Router:
         async with pool.changed:
             await pool.changed.wait_for(ready)
 
-    async def _route(self, task: ev.Task, queue: str, first_attempt: int = 1) -> None:
-        """Route ``task`` until it is terminal: retry retryable failures elsewhere."""
+    async def _route(
+        self,
+        task: ev.Task,
+        queue: str,
+        first_attempt: int = 1,
+        dispatched: Selection | None = None,
+    ) -> None:
+        """Route ``task`` until it is terminal: retry retryable failures elsewhere.
+
+        ``dispatched``: the first attempt's executor, already chosen and recorded."""
         log_ = log.bind(eval_id=task.eval_id)
         try:
-            terminal = await self._attempts(task, first_attempt, log_)
+            terminal = await self._attempts(task, first_attempt, log_, dispatched)
             await self._append_terminal(msgspec.structs.replace(terminal, queue=queue))
         except RECORDING_ERRORS as exc:
             log_.error("task_outcome_not_recorded", error=str(exc))
@@ -646,7 +705,7 @@ class Router:
         await pool.dispatch_failed(chosen, f"{outcome.reason}: {detail}", outcome.retryable)
 
     async def _attempts(
-        self, task: ev.Task, first_attempt: int, log_: Any
+        self, task: ev.Task, first_attempt: int, log_: Any, dispatched: Selection | None = None
     ) -> ev.TaskCompleted | ev.TaskFailed:
         settings = self.settings
         timeout_s = task.timeout or settings.default_task_timeout_s
@@ -654,7 +713,7 @@ class Router:
         avoid: set[str] = set()
         attempt = first_attempt
         while True:
-            selection = await self._select(task, avoid)
+            selection = dispatched or await self._select(task, avoid)
             if selection is None:
                 log_.warning("no_healthy_executor", attempt=attempt)
                 error = "no healthy executor available"
@@ -669,23 +728,9 @@ class Router:
                 )  # fmt: skip
             chosen = selection.executor
             try:
-                await self.store.append(
-                    ev.ExecutorSelected(
-                        eval_id=task.eval_id,
-                        executor=chosen.url,
-                        strategy=self.balancer.name,
-                        attempt=attempt,
-                        candidates=selection.candidates,
-                        why=selection.why,
-                        key=selection.key,
-                    ),
-                    ev.TaskDispatched(
-                        eval_id=task.eval_id,
-                        executor=chosen.url,
-                        attempt=attempt,
-                        timeout_s=timeout_s,
-                    ),
-                )
+                if dispatched is None:
+                    await self.store.append(*self._dispatch_events(task, selection, attempt))
+                dispatched = None
                 chosen.routed += 1
                 outcome = await execute(
                     self.session, chosen.url, task, timeout_s, settings.dispatch_margin_s
