@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,10 +163,33 @@ class Stack:
         found: Entry = await eventually(find, timeout_s, 0.05)
         return found
 
+    def process_env(self, hostname: str, **settings: str) -> dict[str, str]:
+        """The environment of a worker run as its own process against this stack."""
+        return {
+            **os.environ,
+            "QUEUE_SERVICE_URL": self.queue.url,
+            "REDIS_URL": self.redis_url,
+            "EXECUTOR_URLS": ",".join(x.url for x in self.executors),
+            "STREAM_PREFIX": self.prefix,
+            "HOSTNAME": hostname,
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            "POLL_INTERVAL_S": "0.05",
+            **settings,
+        }
+
     async def get_json(self, path: str) -> tuple[int, Any]:
         assert self.worker is not None
         async with self.http.get(f"{self.worker.url}{path}") as resp:
             return resp.status, msgspec.json.decode(await resp.read())
+
+
+async def spawn_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """``python -m queue_worker run`` with ``env``, its output discarded."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "queue_worker", "run", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def make_stack(

@@ -26,16 +26,7 @@ def run_cli(
 
 
 def worker_env(stack: Stack, **extra: str) -> dict[str, str]:
-    return {
-        "QUEUE_SERVICE_URL": stack.queue.url,
-        "REDIS_URL": stack.redis_url,
-        "EXECUTOR_URLS": ",".join(x.url for x in stack.executors),
-        "STREAM_PREFIX": stack.prefix,
-        "HOSTNAME": "cli-worker",
-        "POLL_INTERVAL_S": "0.05",
-        "LOG_FORMAT": "json",
-        **extra,
-    }
+    return stack.process_env("cli-worker", LOG_FORMAT="json", **extra)
 
 
 def test_help_lists_commands_and_settings() -> None:
@@ -63,7 +54,7 @@ def test_unreachable_redis_fails_fast_with_a_clear_message() -> None:
 async def test_run_routes_tasks_and_stops_gracefully_on_sigterm(stack_factory) -> None:
     stack: Stack = await stack_factory(start_worker=False, api_key="KEY-do-not-log")
     port = free_port()
-    env = {**os.environ, **worker_env(stack, QUEUE_API_KEY="KEY-do-not-log", LOG_LEVEL="DEBUG")}
+    env = worker_env(stack, QUEUE_API_KEY="KEY-do-not-log", LOG_LEVEL="DEBUG")
     proc = await asyncio.create_subprocess_exec(
         *CLI, "run", "--port", str(port), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -9,15 +9,13 @@ nothing at all is lost.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 from queue_worker.streams import events as ev
-from tests.harness import Stack, eventually
+from tests.harness import Stack, eventually, spawn_worker
 
 TASKS = 1000
 KILLS = 10
@@ -36,30 +34,15 @@ class Outcome:
 
 
 def worker_env(stack: Stack, lease_s: float) -> dict[str, str]:
-    return {
-        **os.environ,
-        "QUEUE_SERVICE_URL": stack.queue.url,
-        "REDIS_URL": stack.redis_url,
-        "EXECUTOR_URLS": ",".join(x.url for x in stack.executors),
-        "EXECUTOR_CAPACITY": "2",
-        "STREAM_PREFIX": stack.prefix,
-        "HOSTNAME": "crash-worker",
-        "PORT": "0",
-        "HOST": "127.0.0.1",
-        "POLL_INTERVAL_S": "0.05",
-        "QUEUE_LEASE_S": str(lease_s),
-        "CLAIM_IDLE_MS": "1000",
-        "RETRY_BASE_MS": "10",
-        "HEALTH_INTERVAL_S": "1",
-        "LOG_LEVEL": "ERROR",
-    }
-
-
-async def start_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "queue_worker", "run", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    return stack.process_env(
+        "crash-worker",
+        EXECUTOR_CAPACITY="2",
+        QUEUE_LEASE_S=str(lease_s),
+        CLAIM_IDLE_MS="1000",
+        RETRY_BASE_MS="10",
+        HEALTH_INTERVAL_S="1",
+        LOG_LEVEL="ERROR",
+    )
 
 
 async def run_with_kills(stack: Stack, lease_s: float, seed: int) -> Outcome:
@@ -68,12 +51,12 @@ async def run_with_kills(stack: Stack, lease_s: float, seed: int) -> Outcome:
     ids = await stack.enqueue_many(TASKS)
     kills = 0
     for _ in range(KILLS):
-        proc = await start_worker(env)
+        proc = await spawn_worker(env)
         await asyncio.sleep(rng.uniform(1.0, 2.2))
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         kills += 1
-    proc = await start_worker(env)
+    proc = await spawn_worker(env)
     try:
         await eventually(lambda: _settled(stack, ids), timeout_s=120, interval_s=0.2)
         await asyncio.sleep(1.0)  # let the last messages arrive

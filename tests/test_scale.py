@@ -8,49 +8,32 @@ A replica SIGKILLed mid-run is taken over by exactly one other.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections import Counter, defaultdict
 
 from queue_worker.streams import events as ev
-from tests.harness import Stack, eventually
+from tests.harness import Stack, eventually, spawn_worker
 
 CAPACITY = 2
 
 
-def replica_env(stack: Stack, name: str, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "QUEUE_SERVICE_URL": stack.queue.url,
-        "REDIS_URL": stack.redis_url,
-        "EXECUTOR_URLS": ",".join(x.url for x in stack.executors),
-        "EXECUTOR_CAPACITY": str(CAPACITY),
-        "SHARED_CAPACITY": "true",
-        "STREAM_PREFIX": stack.prefix,
-        "HOSTNAME": name,
-        "PORT": "0",
-        "HOST": "127.0.0.1",
-        "POLL_INTERVAL_S": "0.05",
-        "QUEUE_LEASE_S": "0",
-        "CLAIM_IDLE_MS": "1000",
-        "HEARTBEAT_INTERVAL_S": "0.2",
-        "DEAD_AFTER_S": "1",
-        "TAKEOVER_INTERVAL_S": "0.3",
-        "LOG_LEVEL": "ERROR",
-        **extra,
-    }
+def replica_env(stack: Stack, name: str) -> dict[str, str]:
+    return stack.process_env(
+        name,
+        EXECUTOR_CAPACITY=str(CAPACITY),
+        SHARED_CAPACITY="true",
+        QUEUE_LEASE_S="0",
+        CLAIM_IDLE_MS="1000",
+        HEARTBEAT_INTERVAL_S="0.2",
+        DEAD_AFTER_S="1",
+        TAKEOVER_INTERVAL_S="0.3",
+        LOG_LEVEL="ERROR",
+    )
 
 
 async def start_replicas(stack: Stack, n: int) -> dict[str, asyncio.subprocess.Process]:
-    procs = {}
-    for i in range(1, n + 1):
-        name = f"replica-{i}"
-        procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "queue_worker", "run", env=replica_env(stack, name),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-    return procs
+    names = [f"replica-{i}" for i in range(1, n + 1)]
+    return {name: await spawn_worker(replica_env(stack, name)) for name in names}
 
 
 async def stop_all(procs: dict[str, asyncio.subprocess.Process]) -> None:
