@@ -10,11 +10,14 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from queue_worker.config import Settings
 from queue_worker.devstack.executor import EXECUTOR_STATE, create_executor_app
@@ -30,7 +33,10 @@ from queue_worker.router.discovery import (
     system_resolver,
     url_of,
 )
+from queue_worker.router.worker import Router
 from queue_worker.streams import events as ev
+from queue_worker.streams.keys import Keys
+from queue_worker.streams.store import EventStore
 from tests.harness import Stack, eventually
 
 # --- a small real DNS server ---------------------------------------------------------
@@ -502,3 +508,37 @@ async def test_weighted_queues_share_pulls(stack_factory: Any) -> None:
         await stack.wait_terminal(20)
     finally:
         await other.stop()
+
+
+async def test_fast_path_spends_no_round_robin_turn_on_a_stale_executor(
+    redis_url: str, prefix: str
+) -> None:
+    """The choice made right after a pull skips an executor due for a health check
+    instead of choosing it and giving up: the round-robin order stays intact."""
+    settings = Settings(
+        redis_url=redis_url,
+        executor_urls=("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"),
+        executor_capacity=5,
+        routing_strategy="round_robin",
+        stream_prefix=prefix,
+    )
+    redis = aioredis.Redis.from_url(redis_url)
+    async with aiohttp.ClientSession() as session:
+        router = Router(settings, EventStore(redis, Keys(prefix), "w"), session)
+        first, second, third = router.pool.executors
+        for x in router.pool.executors:
+            x.healthy = x.checked = True
+            x.last_check_monotonic = time.monotonic()
+        first.last_check_monotonic = 0.0  # stale: the fast path must not take it
+        task = ev.Task(eval_id="t", code="")
+        picks = []
+        for _ in range(2):
+            selection = router._select_now(task)
+            assert selection is not None
+            picks.append(selection.executor)
+        first.last_check_monotonic = time.monotonic()
+        selection = router._select_now(task)
+        assert selection is not None
+        picks.append(selection.executor)
+        assert picks == [second, third, first]
+    await redis.aclose()

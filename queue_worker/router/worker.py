@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -554,8 +554,14 @@ class Router:
             return None
         members = list(self.pool.executors)
         key = task.routing_key if self.balancer.name == "sticky" else None
-        decision = self.balancer.decide([x.snapshot() for x in members], key)
-        if decision is None or self.pool.is_stale(members[decision.index]):
+        # An executor due for a health check is left to _select, so that the strategy
+        # (a round-robin turn, say) is not spent on a choice this path cannot make.
+        snapshots = [
+            replace(x.snapshot(), healthy=False) if self.pool.is_stale(x) else x.snapshot()
+            for x in members
+        ]
+        decision = self.balancer.decide(snapshots, key)
+        if decision is None:
             return None
         candidates = [x.candidate() for x in members]
         chosen = members[decision.index]
