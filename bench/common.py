@@ -6,8 +6,12 @@ psutil is not installed, so process figures come straight from ``/proc``.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -80,3 +84,16 @@ def emit(obj: Any) -> None:
     """Write one JSON line on stdout (the child → ``bench.run`` channel)."""
     sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
     sys.stdout.flush()
+
+
+@contextmanager
+def log_dir(prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A fresh folder for the processes' logs: removed afterwards unless ``keep``."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f"\nlogs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

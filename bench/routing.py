@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from bench.common import BENCH_CODE, percentile
+from bench.common import BENCH_CODE, log_dir, percentile
 from bench.run import Bench, Scenario
 from queue_worker.streams import events as ev
 from queue_worker.streams.keys import Keys
@@ -318,17 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="qw-routing-"))
-    try:
+    with log_dir("qw-routing-", keep=args.keep_logs) as workdir:
         out = asyncio.run(run_all(args, workdir))
         report(out)
         if args.json:
             Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(out)))
-    finally:
-        if args.keep_logs:
-            print(f"\nlogs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

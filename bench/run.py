@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ import aiohttp
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.common import BENCH_CODE, machine_cpu, p50_p99_ms, proc_cpu_s, proc_memory_kb
+from bench.common import BENCH_CODE, log_dir, machine_cpu, p50_p99_ms, proc_cpu_s, proc_memory_kb
 from bench.profile import load as load_profile
 from bench.profile import report as profile_report
 from queue_worker.devstack.redis import RedisServer
@@ -1080,15 +1079,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in names if x not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown}; choose from {', '.join(SCENARIOS)}")
-    workdir = Path(tempfile.mkdtemp(prefix="qw-bench-"))
-    try:
+    with log_dir("qw-bench-", keep=args.keep_logs) as workdir:
         outcome = asyncio.run(run_all(args, names, workdir))
         print_report(args, outcome)
-    finally:
-        if args.keep_logs:
-            print(f"\nlogs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
