@@ -167,6 +167,7 @@ class RunResult:
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
     rss_drift_pct: float | None = None
     overhead_ms: dict[str, Any] = field(default_factory=dict)
+    idle_gap_ms: dict[str, Any] = field(default_factory=dict)
     utilisation: float | None = None
     lag_ms: tuple[float | None, float | None] = (None, None)
     stream_overhead_ms: dict[str, float | None] = field(default_factory=dict)
@@ -567,6 +568,7 @@ class Bench:
         if r.cpu_s is not None and r.done:
             r.cpu_ms_per_task = 1000 * r.cpu_s / r.done
         r.overhead_ms = st["overhead_ms"]
+        r.idle_gap_ms = st["idle_gap_ms"]
         if r.seconds > 0:  # mean busy slots / healthy slots (Little's law)
             r.utilisation = sum(st["busy_s"].values()) / (scn.slots() * r.seconds)
         r.redis_calls = calls
@@ -921,6 +923,8 @@ def details(results: dict[str, dict[str, RunResult]], replay: ReplayResult | Non
                 f"outcomes {r.outcomes}",
                 f"overhead pre {_pair(o.get('pre_p50'), o.get('pre_p99'), 2)}"
                 f" post {_pair(o.get('post_p50'), o.get('post_p99'), 2)} ms",
+                "executor idle between tasks "
+                f"{_pair(r.idle_gap_ms.get('p50'), r.idle_gap_ms.get('p99'), 2)} ms",
                 f"cpu ms/task: router {_f(r.cpu_ms_per_task, 2)}, "
                 + ", ".join(f"{k} {v:.2f}" for k, v in r.others_cpu_ms_per_task.items())
                 + f"; machine busy {_f(r.machine_busy_pct, 0)}%",
@@ -1002,10 +1006,9 @@ async def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> 
                 progress(f"{name}/{router}: {r.done} tasks, {r.tasks_per_s:.1f}/s{late}")
             bench.soak_stream = name == "soak"
         if args.profile:
-            r = await bench.run(
-                SCENARIOS["instant"], "ours", args.profile_tasks, profile=Path(args.profile_out)
-            )
-            progress(f"profile run of ours on instant: {r.tasks_per_s:.0f}/s")
+            scn = SCENARIOS[args.profile_scenario]
+            r = await bench.run(scn, "ours", args.profile_tasks, profile=Path(args.profile_out))
+            progress(f"profile run of ours on {scn.name}: {r.tasks_per_s:.0f}/s")
     return Outcome(results, replay, time.monotonic() - started, workdir)
 
 
@@ -1028,7 +1031,7 @@ def print_report(args: argparse.Namespace, outcome: Outcome) -> None:
     if args.profile:
         summary = profile_report(load_profile(args.profile_out), 20)
         Path(args.profile_out + ".summary.txt").write_text(summary + "\n")
-        print(f"\nprofile of ours on instant ({args.profile_out}):\n{summary}")
+        print(f"\nprofile of ours on {args.profile_scenario} ({args.profile_out}):\n{summary}")
     if args.json:
         doc = {
             "mode": mode,
@@ -1064,8 +1067,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="extra environment for our worker (what-if runs, e.g. PYTHONPATH=overlay)",
     )
+    parser.add_argument("--profile", action="store_true", help="one more run of ours under py-spy")
     parser.add_argument(
-        "--profile", action="store_true", help="one more run of ours on instant under py-spy"
+        "--profile-scenario", default="instant", choices=sorted(SCENARIOS), help="(instant)"
     )
     parser.add_argument("--profile-tasks", type=int, default=10_000)
     parser.add_argument("--profile-out", default="/tmp/qw-bench-profile.txt")

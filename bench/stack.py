@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import heapq
+import itertools
 import os
 import signal
 import sys
@@ -52,6 +53,7 @@ class Recorder:
         self.exec_in: dict[str, float] = {}
         self.exec_out: dict[str, float] = {}
         self.busy_s: dict[str, float] = {}
+        self.spans: dict[str, list[tuple[float, float]]] = {}
         self.executed: Counter[str] = Counter()
         self.non_200: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
@@ -144,6 +146,7 @@ def _timing_middleware(recorder: Recorder, executor_id: str) -> Any:
                 finished - started
             )
             recorder.executed[executor_id] += 1
+            recorder.spans.setdefault(executor_id, []).append((started, finished))
         else:
             recorder.non_200[executor_id] += 1
         return response
@@ -182,6 +185,13 @@ def summarise(recorder: Recorder, queue: QueueState, executors: list[web.Applica
         pre.append(t_in - t_pull)
         post.append(t_report - t_out)
         total.append((t_in - t_pull) + (t_report - t_out))
+    # Idle time of an executor between two tasks: only gaps between spans that do not
+    # overlap, which (at capacity 1) is the time a freed slot waited for its next task.
+    gaps: list[float] = []
+    for spans in rec.spans.values():
+        spans.sort()
+        gaps += [b[0] - a[1] for a, b in itertools.pairwise(spans) if b[0] >= a[1]]
+    gap_p50, gap_p99 = p50_p99_ms(gaps)
     pre_p50, pre_p99 = p50_p99_ms(pre)
     post_p50, post_p99 = p50_p99_ms(post)
     total_p50, total_p99 = p50_p99_ms(total)
@@ -203,6 +213,7 @@ def summarise(recorder: Recorder, queue: QueueState, executors: list[web.Applica
             "samples": len(total),
         },
         "busy_s": rec.busy_s,
+        "idle_gap_ms": {"p50": gap_p50, "p99": gap_p99, "samples": len(gaps)},
         "executed": dict(rec.executed),
         "non_200": dict(rec.non_200),
         "duplicate_reports": queue.duplicate_reports,
