@@ -106,6 +106,7 @@ class EventStore:
         self.available = True  # False from a failed Redis call until the next one succeeds
         self.held = 0  # events waiting for Redis
         self._pending: list[Pending] = []
+        self._writing = False  # a write is in flight (the flusher's or an append's own)
         self._wakeup = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False
@@ -135,6 +136,21 @@ class EventStore:
             return await self._write(list(events))
         if self.held + len(events) > self.buffer_max:
             raise EventBufferFull(f"{self.held} events wait for Redis; buffer is full")
+        if not self._writing and not self._pending and self.available:
+            # Nothing in flight: write now, from this task. The reply then resumes the
+            # caller directly instead of through the flusher (the dispatch path's latency).
+            self._writing = True
+            try:
+                return await self._write(list(events))
+            except TRANSIENT as exc:  # held below; the flusher writes it once Redis is back
+                self.redis_state(ok=False)
+                log.error("redis_unreachable_holding_events", events=len(events), error=str(exc))
+            finally:
+                self._writing = False
+                if self._pending or self._closing:
+                    self._wakeup.set()
+            if self._closing:
+                raise EventStoreStopped("event store stopped")
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieve)  # a cancelled caller leaves nobody to read it
         self._pending.append((list(events), fut))
@@ -147,15 +163,15 @@ class EventStore:
         backoff_s = 0.05
         try:
             while True:
-                if not batch:
-                    if self._closing and not self._pending:
+                if not self._pending or self._writing:  # an append may write its own
+                    if self._closing and not self._pending and not self._writing:
                         return
                     await self._wakeup.wait()
                     self._wakeup.clear()
-                batch, self._pending = batch + self._pending, []
-                if not batch:
                     continue
+                batch, self._pending = self._pending, []
                 events = [e for evs, _ in batch for e in evs]
+                self._writing = True
                 try:
                     ids = await self._write(events)
                 except TRANSIENT as exc:
@@ -163,6 +179,7 @@ class EventStore:
                         "redis_unreachable_holding_events", events=len(events), error=str(exc)
                     )
                     self.redis_state(ok=False)
+                    batch, self._pending = [], batch + self._pending
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 2.0)
                     continue
@@ -170,6 +187,8 @@ class EventStore:
                     self._settle(batch, exc)
                     batch = []
                     continue
+                finally:
+                    self._writing = False
                 self.redis_state(ok=True)
                 backoff_s = 0.05
                 self._settle(batch, ids)
