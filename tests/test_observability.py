@@ -67,6 +67,7 @@ async def test_metrics_follow_tasks_and_executor_health(stack_factory) -> None:
             and total(s, "queue_worker_pubsub_published_total") == 7
             and total(s, "queue_worker_projector_lag", projector="reporter") == 0
             and total(s, "queue_worker_events_appended_total", type="task.reported") == 7
+            and total(s, "queue_worker_projector_pending", projector="publisher") == 0
         )
         return s if done else None
 

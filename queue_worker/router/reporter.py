@@ -28,6 +28,7 @@ TRANSIENT_STATUSES = frozenset({0, 401, 403, 408, 429})
 
 class Reporter(GroupProjector):
     name = "reporter"
+    handles = frozenset({b"task.completed", b"task.failed", b"task.rejected"})
 
     def __init__(
         self,

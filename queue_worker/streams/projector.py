@@ -30,6 +30,9 @@ REDIS_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError, OSError)
 # After a read that did not fill a batch, wait this long so the next read takes
 # what accumulated meanwhile: far fewer round trips under load, for a few ms of lag.
 LINGER_MS = 10.0
+# Entries a group projector has nothing to do for are acknowledged with its next
+# batch, or after this long without one.
+IDLE_ACK_MS = 100
 
 
 async def linger(raws: Sequence[object], batch: int, linger_s: float) -> None:
@@ -37,6 +40,8 @@ async def linger(raws: Sequence[object], batch: int, linger_s: float) -> None:
         await asyncio.sleep(linger_s)
 
 
+# (entry id, entry); the entry is None when there is nothing to do for it: it is
+# unreadable, or of a type the projector does not handle. Every id gets acknowledged.
 Batch = list[tuple[str, Entry | None]]
 
 
@@ -122,6 +127,9 @@ class GroupProjector(ABC):
     """
 
     name: str = "projector"
+    # Entry types ``handle`` acts on (the stream's ``type`` field); the others reach
+    # it as ``None``, undecoded. Empty: every type.
+    handles: frozenset[bytes] = frozenset()
 
     def __init__(
         self,
@@ -149,6 +157,7 @@ class GroupProjector(ABC):
         self.failures = 0
         self.dead_lettered = 0
         self.last_handled_id: str | None = None
+        self._idle: Batch = []  # read, nothing to do: acknowledged with the next batch
 
     async def ensure_group(self) -> None:
         try:
@@ -165,11 +174,26 @@ class GroupProjector(ABC):
         if ids:
             await self.redis.xack(self.stream, self.group, *ids)
 
-    async def _dispatch(self, raws: list[RawEntry]) -> bool:
-        """Handle ``raws`` as one batch; ``False`` (and left pending) when it failed."""
-        if not raws:
-            return True
-        batch: Batch = [(raw[0].decode(), parse_entry(raw)) for raw in raws]
+    def _entry(self, raw: RawEntry) -> Entry | None:
+        if self.handles and raw[1].get(b"type") not in self.handles:
+            return None
+        return parse_entry(raw)
+
+    async def _dispatch(self, raws: list[RawEntry], *, defer_idle: bool = False) -> int:
+        """Handle ``raws`` as one batch; the number of entries acted on.
+
+        ``defer_idle``: a batch with nothing to act on is kept and acknowledged with
+        the next one (one round trip less per read at low rates). A batch that fails
+        is left pending (counted as acted on).
+        """
+        batch: Batch = [(raw[0].decode(), self._entry(raw)) for raw in raws]
+        acting = sum(1 for _, entry in batch if entry is not None)
+        if defer_idle and not acting and len(self._idle) < self.batch:
+            self._idle += batch
+            return 0
+        batch, self._idle = self._idle + batch, []
+        if not batch:
+            return 0
         try:
             await self.handle(batch)
         except REDIS_DOWN:
@@ -177,10 +201,10 @@ class GroupProjector(ABC):
         except Exception as exc:  # left pending, retried by the claim: not lost
             self.failures += 1
             log.exception("projector_batch_failed", projector=self.name, error=str(exc))
-            return False
+            return max(acting, 1)
         self.handled += len(batch)
         self.last_handled_id = batch[-1][0]
-        return True
+        return acting
 
     async def _redeliver(self, raws: list[RawEntry]) -> None:
         """Handle entries delivered before, one at a time, dead-lettering the hopeless."""
@@ -272,11 +296,16 @@ class GroupProjector(ABC):
                 if time.monotonic() >= next_claim:
                     await self._claim_idle()
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
-                raws = await self._read(">", self.block_ms)
-                await self._dispatch(raws)
-                await linger(raws, self.batch, self.linger_s)
+                # Holding acknowledgements: block briefly, and send them if nothing comes.
+                block = min(IDLE_ACK_MS, self.block_ms) if self._idle else self.block_ms
+                raws = await self._read(">", block)
+                # Linger only when entries to act on come in bunches (under load):
+                # otherwise the next one (a task's outcome) would wait for nothing.
+                if await self._dispatch(raws, defer_idle=bool(raws)) > 1:
+                    await linger(raws, self.batch, self.linger_s)
             except REDIS_DOWN as exc:
                 self.store.redis_state(ok=False)
                 log.warning("projector_redis_error", projector=self.name, error=str(exc))
+                self._idle = []  # still pending: delivered again
                 recovered = False
                 await asyncio.sleep(1.0)

@@ -71,6 +71,7 @@ def message_for(event: ev.Event, result: dict[str, Any] | None = None) -> tuple[
 
 class Publisher(GroupProjector):
     name = "publisher"
+    handles = frozenset({b"task.completed", b"task.failed", b"task.rejected"})
 
     def __init__(self, store: EventStore, group: str, consumer: str, **options: int) -> None:
         super().__init__(store, group, consumer, **options)
