@@ -37,6 +37,7 @@ class Settings:
     executor_port: int = 8083
     executor_urls: tuple[str, ...] = ()
     executor_capacity: int = 1
+    pull_ahead: int = 1
     executor_capacities: tuple[tuple[str, int], ...] = ()
     executor_weights: tuple[tuple[str, float], ...] = ()
     learn_capacity: bool = False
@@ -328,6 +329,7 @@ class _Reader:
             executor_capacity=self.integer(
                 "EXECUTOR_CAPACITY", d.executor_capacity, minimum=1, maximum=10_000
             ),
+            pull_ahead=self.integer("PULL_AHEAD", d.pull_ahead, minimum=0, maximum=10_000),
             executor_dns_name=dns_name,
             executor_dns_server=(
                 None if dns_server is None else _host_port("EXECUTOR_DNS_SERVER", dns_server)
@@ -452,6 +454,11 @@ ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
     ("EXECUTOR_PORT", "8083", "port of the compose naming when the base has none"),
     ("EXECUTOR_URLS", "(none)", "comma list of executor URLs; overrides the naming"),
     ("EXECUTOR_CAPACITY", "1", "concurrent tasks per executor"),
+    (
+        "PULL_AHEAD",
+        "1",
+        "tasks pulled beyond free capacity, to wait for the next free slot; 0: none",
+    ),
     (
         "EXECUTOR_CAPACITIES",
         "(none)",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from tests.harness import Stack
+import pytest
+
+from tests.harness import Stack, eventually
 
 HAPPY_PATH = [
     "task.pulled",
@@ -70,6 +72,31 @@ async def test_in_flight_never_exceeds_capacity_and_uses_it(stack_factory) -> No
     assert max(peaks) <= 3
     assert min(peaks) >= 2  # several tasks in flight at once on every executor
     assert all(stack.executor_state(i).rejected_busy == 0 for i in range(3))
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+async def test_pull_ahead_holds_that_many_tasks_beyond_capacity(stack_factory, ahead) -> None:
+    """With every slot busy, PULL_AHEAD tasks wait, pulled; no more, and none on an executor
+    beyond its capacity. Each waiting one is dispatched as soon as a slot frees."""
+    stack: Stack = await stack_factory(
+        executors=1, latency_s=0.15, executor_capacity=1, pull_ahead=ahead
+    )
+    await stack.enqueue_many(6)
+    seen: list[int] = []  # the worker's tasks in flight: on the executor or waiting
+
+    async def sample() -> bool:
+        status, body = await stack.get_json("/status")
+        assert status == 200
+        seen.append(body["in_flight"])
+        return stack.executor_state(0).executed >= 4
+
+    await eventually(sample, interval_s=0.01)
+    await stack.wait_terminal(6)
+    assert max(seen) == 1 + ahead
+    assert stack.executor_state(0).max_in_flight == 1
+    assert stack.executor_state(0).rejected_busy == 0
+    assert all(t.status == "completed" for t in stack.queue_state.tasks.values())
+    assert len(stack.queue_state.tasks) == 6
 
 
 async def test_task_timeout_is_passed_to_the_executor(stack_factory) -> None:

@@ -159,7 +159,7 @@ class Router:
             settings.routing_strategy, self.rng, dict(settings.executor_weights)
         )
         self.slots = SharedSlots(store.redis, store.keys) if settings.shared_capacity else None
-        self.reserved = 0  # tasks pulled and not yet terminal
+        self.reserved = 0  # tasks pulled whose outcome is not known yet (slots, or waiting)
         self.polls = 0
         self.empty_polls = 0
         self.queue_errors = 0
@@ -376,11 +376,15 @@ class Router:
 
     # --- pulling -------------------------------------------------------------
 
+    def _has_capacity(self) -> bool:
+        """Whether to pull: free healthy capacity, or ``PULL_AHEAD`` tasks beyond it so a
+        slot that frees finds one waiting (never while no executor is healthy)."""
+        capacity = self.pool.healthy_capacity()
+        return capacity > 0 and self.reserved < capacity + self.settings.pull_ahead
+
     async def _wait_for_capacity(self) -> None:
         async with self.pool.changed:
-            await self.pool.changed.wait_for(
-                lambda: self._stopping or self.reserved < self.pool.healthy_capacity()
-            )
+            await self.pool.changed.wait_for(lambda: self._stopping or self._has_capacity())
 
     async def _pull_loop(self) -> None:
         while not self._stopping:
@@ -658,7 +662,7 @@ class Router:
         counts = await self.slots.in_use([x.url for x in routable])
         used = sum(max(counts[x.url], x.in_flight) for x in routable)
         waiting = self.reserved - sum(x.in_flight for x in self.pool.executors)
-        return used + waiting < sum(x.capacity for x in routable)
+        return used + waiting < sum(x.capacity for x in routable) + self.settings.pull_ahead
 
     async def _wait_for_slot(self, executors: list[ExecutorState], membership: int) -> None:
         pool = self.pool
@@ -686,15 +690,18 @@ class Router:
         ``dispatched``: the first attempt's executor, already chosen and recorded."""
         log_ = log.bind(eval_id=task.eval_id)
         try:
-            terminal = await self._attempts(task, first_attempt, log_, dispatched)
+            try:
+                terminal = await self._attempts(task, first_attempt, log_, dispatched)
+            finally:
+                # Its executors are done with it: the next pull need not wait for the record.
+                self.reserved -= 1
+                await self.pool.notify()
             await self._append_terminal(msgspec.structs.replace(terminal, queue=queue))
         except RECORDING_ERRORS as exc:
             log_.error("task_outcome_not_recorded", error=str(exc))
         finally:
-            self.reserved -= 1
             self.leases.pop(task.eval_id, None)
             self._lease_queue.pop(task.eval_id, None)
-            await self.pool.notify()
 
     async def _observe(self, chosen: ExecutorState, outcome: Executed | ExecutionFailed) -> None:
         """Feed the outcome to the executor's latency average, health and ejection count."""
@@ -745,6 +752,8 @@ class Router:
                 chosen.in_flight -= 1
                 if self.slots is not None and selection.slot is not None:
                     await self.slots.release(chosen.url, selection.slot)
+            await self.pool.notify()  # a task pulled ahead may take the slot at once
+            await asyncio.sleep(0)  # and goes first: its dispatch is on the critical path
             await self._observe(chosen, outcome)
             if isinstance(outcome, Executed):
                 log_.info("task_completed", executor=chosen.url, ms=round(outcome.duration_ms, 1))
