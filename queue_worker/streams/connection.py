@@ -7,9 +7,41 @@ the side keys live on one shard and scripts and transactions work there.
 
 from __future__ import annotations
 
+from typing import Any
+
+import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import DataError
 
 RedisClient = aioredis.Redis | aioredis.RedisCluster
+
+
+class HiredisPacking:
+    """Commands packed by hiredis's C packer.
+
+    redis-py's synchronous connections use it when hiredis is installed; its
+    asyncio connections pack in Python, which was ~8 % of the worker's CPU (a
+    task costs about fifteen commands). Same bytes, several times faster.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):  # "CONFIG GET" is sent as two arguments
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
+
+
+def with_hiredis_packing(client: aioredis.Redis) -> aioredis.Redis:
+    """``client`` with its connections packing commands through hiredis."""
+    pool = client.connection_pool
+    base = pool.connection_class
+    if not issubclass(base, HiredisPacking):
+        pool.connection_class = type(f"Hiredis{base.__name__}", (HiredisPacking, base), {})
+    return client
 
 
 async def open_redis(url: str) -> RedisClient:
@@ -17,7 +49,7 @@ async def open_redis(url: str) -> RedisClient:
 
     Raises redis-py's ``ConnectionError``/``TimeoutError`` when nobody answers.
     """
-    client = aioredis.Redis.from_url(url, decode_responses=False)
+    client = with_hiredis_packing(aioredis.Redis.from_url(url, decode_responses=False))
     try:
         info = await client.info("cluster")
     except BaseException:
@@ -26,6 +58,7 @@ async def open_redis(url: str) -> RedisClient:
     if not info.get("cluster_enabled"):
         return client
     await client.aclose()
+    # The cluster client creates its node connections itself (redis-py's packer).
     cluster = aioredis.RedisCluster.from_url(url, decode_responses=False)
     await cluster.initialize()
     return cluster
