@@ -159,7 +159,7 @@ class Router:
             settings.routing_strategy, self.rng, dict(settings.executor_weights)
         )
         self.slots = SharedSlots(store.redis, store.keys) if settings.shared_capacity else None
-        self.reserved = 0  # tasks pulled whose outcome is not known yet (slots, or waiting)
+        self.reserved = 0  # tasks pulled and not yet terminal (on an executor, or waiting)
         self.polls = 0
         self.empty_polls = 0
         self.queue_errors = 0
@@ -690,18 +690,17 @@ class Router:
         ``dispatched``: the first attempt's executor, already chosen and recorded."""
         log_ = log.bind(eval_id=task.eval_id)
         try:
-            try:
-                terminal = await self._attempts(task, first_attempt, log_, dispatched)
-            finally:
-                # Its executors are done with it: the next pull need not wait for the record.
-                self.reserved -= 1
-                await self.pool.notify()
+            terminal = await self._attempts(task, first_attempt, log_, dispatched)
             await self._append_terminal(msgspec.structs.replace(terminal, queue=queue))
         except RECORDING_ERRORS as exc:
             log_.error("task_outcome_not_recorded", error=str(exc))
         finally:
+            # Released once the outcome is recorded: by then a task pulled ahead has taken
+            # the slot, and the next pull does not compete with its dispatch.
+            self.reserved -= 1
             self.leases.pop(task.eval_id, None)
             self._lease_queue.pop(task.eval_id, None)
+            await self.pool.notify()
 
     async def _observe(self, chosen: ExecutorState, outcome: Executed | ExecutionFailed) -> None:
         """Feed the outcome to the executor's latency average, health and ejection count."""
