@@ -42,10 +42,12 @@ async def test_status_shows_the_run_and_equals_a_fresh_replay(stack_factory) -> 
 
     async def settled() -> dict | None:  # type: ignore[type-arg]
         # Quiet: every report folded, and the publisher has acknowledged what it read
-        # (an entry is pending between its delivery and the acknowledging script).
+        # (an entry is pending between its delivery and the acknowledging script) and
+        # counted what it published (just after the script's answer).
         _, body = await stack.get_json("/status")
         publisher = next(p for p in body["stream"]["projectors"] if p["name"] == "publisher")
         quiet = body["counters"]["reported"] == 21 and publisher["lag"] == 0
+        quiet = quiet and body["live"]["published"] == 21
         return body if quiet and publisher["pending"] == 0 else None
 
     body = await eventually(settled)
