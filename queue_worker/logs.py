@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import msgspec
 import structlog
 
 SECRET_WORDS = ("api_key", "apikey", "password", "secret", "token", "authorization")
@@ -25,10 +26,16 @@ def redact_secrets(
     return event_dict
 
 
+def to_json(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+    """``json.dumps`` for structlog's ``JSONRenderer``, by msgspec (several times faster:
+    the worker logs on its hot path). ``default`` renders what msgspec cannot."""
+    return msgspec.json.encode(obj, enc_hook=default).decode()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     numeric = logging.getLevelNamesMapping()[level]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=to_json)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
