@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import heapq
 import itertools
 import os
 import signal
@@ -60,50 +59,17 @@ class Recorder:
 
 
 class BenchQueueState(QueueState):
-    """The reference queue, recording when tasks leave and when their reports arrive.
-
-    It also replaces the reference queue's lease expiry, which scans every task
-    on each pull and renewal (O(N) per pull, so O(N^2) over a soak), by a heap
-    of lease deadlines with the same effect. That keeps the queue from becoming
-    the bottleneck of long runs; the worker sees no difference.
-    """
+    """The reference queue, recording when tasks leave and when their reports arrive."""
 
     def __init__(self, recorder: Recorder) -> None:
         super().__init__()
         self.recorder = recorder
-        self._deadlines: list[tuple[float, str]] = []
 
     def pull(self, *args: Any, **kwargs: Any) -> Task | None:
         task = super().pull(*args, **kwargs)
         if task is not None:
             self.recorder.pulled_at.setdefault(task.eval_id, time.time())
-            self._watch(task)
         return task
-
-    def renew(self, eval_id: str, *args: Any, **kwargs: Any) -> bool:
-        ok: bool = super().renew(eval_id, *args, **kwargs)
-        task = self.tasks.get(eval_id)
-        if ok and task is not None:
-            self._watch(task)
-        return ok
-
-    def _watch(self, task: Task) -> None:
-        deadline = getattr(task, "lease_deadline", None)
-        if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, task.eval_id))
-
-    def expire_leases(self) -> None:
-        now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] < now:
-            _, eval_id = heapq.heappop(self._deadlines)
-            task = self.tasks.get(eval_id)
-            if task is None or task.status != "running":
-                continue
-            if task.lease_deadline is None or task.lease_deadline >= now:
-                continue  # renewed since: a later heap entry covers it
-            task.status, task.lease_s, task.lease_deadline = "queued", None, None
-            self.lease_expiries += 1
-            heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
 
     def complete(self, eval_id: str, output: Any) -> bool:
         ok = super().complete(eval_id, output)

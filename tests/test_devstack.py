@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from queue_worker.devstack.executor import EXECUTOR_STATE, create_executor_app
-from queue_worker.devstack.queue import QUEUE_STATE, create_queue_app
+from queue_worker.devstack.queue import QUEUE_STATE, NewTask, QueueState, create_queue_app
 from queue_worker.devstack.serve import Server
 
 
@@ -349,3 +349,28 @@ async def test_lease_expires_renews_and_returns_the_task(
     assert status == 404  # the second pull took no lease
     assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=-1"))[0] == 400
     assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=x"))[0] == 400
+
+
+async def test_leases_expire_by_deadline_and_a_renewal_outlives_the_old_one() -> None:
+    state = QueueState()
+    for name in ("short", "renewed", "reported", "plain"):
+        state.enqueue(NewTask(eval_id=name, code="x"))
+    leased = [state.pull(0.05) for _ in range(3)]
+    assert [t.eval_id for t in leased if t] == ["short", "renewed", "reported"]
+    assert state.pull() is not None  # "plain": no lease, never expires
+    assert state.renew("renewed", 30.0)
+    assert state.complete("reported", {"ok": True})
+    await asyncio.sleep(0.1)
+    state.expire_leases()
+    statuses = {name: t.status for name, t in state.tasks.items()}
+    assert statuses == {
+        "short": "queued", "renewed": "running", "reported": "completed", "plain": "running",
+    }  # fmt: skip
+    assert state.lease_expiries == 1
+    again = state.pull()
+    assert again is not None and again.eval_id == "short" and again.pulls == 2
+    assert state.pull() is None
+    assert state.renew("renewed", 0.05)  # a renewal's own deadline expires too
+    await asyncio.sleep(0.1)
+    state.expire_leases()
+    assert state.tasks["renewed"].status == "queued" and state.lease_expiries == 2

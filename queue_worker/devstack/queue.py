@@ -97,6 +97,9 @@ class QueueState:
         self.lease_expiries = 0
         self._heap: list[tuple[int, int, str]] = []
         self._seq = itertools.count()
+        # Lease deadlines, earliest first; a renewal pushes a new one and the stale
+        # entry is skipped when it comes up. Expiry stays O(log N) per pull.
+        self._deadlines: list[tuple[float, str]] = []
 
     def enqueue(self, new: NewTask) -> Task:
         """Queue a new task; raises ``KeyError`` if the eval_id is already known."""
@@ -121,17 +124,27 @@ class QueueState:
                 task.pulls += 1
                 task.lease_s = lease_s
                 task.lease_deadline = None if lease_s is None else time.monotonic() + lease_s
+                self._watch(task)
                 return task
         return None
+
+    def _watch(self, task: Task) -> None:
+        if task.lease_deadline is not None:
+            heapq.heappush(self._deadlines, (task.lease_deadline, task.eval_id))
 
     def expire_leases(self) -> None:
         """Put running tasks whose lease ran out back in the queue."""
         now = time.monotonic()
-        for task in self.tasks.values():
-            if task.status == "running" and task.lease_deadline and task.lease_deadline < now:
-                task.status, task.lease_s, task.lease_deadline = "queued", None, None
-                self.lease_expiries += 1
-                heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, eval_id = heapq.heappop(self._deadlines)
+            task = self.tasks[eval_id]
+            if task.status != "running" or task.lease_deadline is None:
+                continue  # reported, or pulled again without a lease
+            if task.lease_deadline >= now:
+                continue  # renewed since: a later entry covers it
+            task.status, task.lease_s, task.lease_deadline = "queued", None, None
+            self.lease_expiries += 1
+            heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
 
     def renew(self, eval_id: str, lease_s: float) -> bool:
         """Extend a running task's lease; ``False`` when it holds none (or is not running)."""
@@ -140,6 +153,7 @@ class QueueState:
         if task is None or task.status != "running" or task.lease_deadline is None:
             return False
         task.lease_s, task.lease_deadline = lease_s, time.monotonic() + lease_s
+        self._watch(task)
         return True
 
     def complete(self, eval_id: str, output: Any) -> bool:
