@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ async def test_dashboard_renders_executors_and_live_events(stack_factory, tmp_pa
     for executor in stack.executors:
         assert executor.url in dom  # the executors board, from /status
     assert "test-worker" in dom and "healthy" in dom
+    assert re.search(r"<b>\d+</b><span>waiting for a slot</span>", dom)  # counters, /status
     assert dom.count('class="entry"') >= 20  # the event tail, pushed over SSE
     assert "live-" in dom  # events of tasks enqueued after the page opened
     image = read_png(png)

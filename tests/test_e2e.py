@@ -82,17 +82,19 @@ async def test_pull_ahead_holds_that_many_tasks_beyond_capacity(stack_factory, a
         executors=1, latency_s=0.15, executor_capacity=1, pull_ahead=ahead
     )
     await stack.enqueue_many(6)
-    seen: list[int] = []  # the worker's tasks in flight: on the executor or waiting
+    seen: list[tuple[int, int]] = []  # (in flight: on the executor or waiting, waiting)
 
     async def sample() -> bool:
         status, body = await stack.get_json("/status")
         assert status == 200
-        seen.append(body["in_flight"])
+        seen.append((body["in_flight"], body["waiting"]))
         return stack.executor_state(0).executed >= 4
 
     await eventually(sample, interval_s=0.01)
     await stack.wait_terminal(6)
-    assert max(seen) == 1 + ahead
+    assert max(in_flight for in_flight, _ in seen) == 1 + ahead
+    assert max(waiting for _, waiting in seen) == ahead
+    assert all(waiting < in_flight or in_flight == 0 for in_flight, waiting in seen)
     assert stack.executor_state(0).max_in_flight == 1
     assert stack.executor_state(0).rejected_busy == 0
     assert all(t.status == "completed" for t in stack.queue_state.tasks.values())

@@ -137,6 +137,7 @@ async def status(request: web.Request) -> web.Response:
         strategy=router.balancer.name,
         uptime_s=round(time.monotonic() - app[STARTED], 3),
         in_flight=router.in_flight,
+        waiting=router.waiting,
         routed_last_minute=view.routed_since(time.time_ns() // 1_000_000 - ROUTED_WINDOW_MS),
         counters=me.counters,
         live=s.LiveCounters(

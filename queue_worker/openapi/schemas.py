@@ -89,7 +89,8 @@ class StatusResponse(msgspec.Struct, frozen=True, kw_only=True):
     version: str
     strategy: str
     uptime_s: float
-    in_flight: int
+    in_flight: int  # pulled and not yet terminal: on an executor, or waiting for a slot
+    waiting: int  # of those, waiting for a free executor slot (see PULL_AHEAD)
     routed_last_minute: int
     counters: Counters
     live: LiveCounters

@@ -106,7 +106,8 @@ def _examples() -> dict[str, Any]:
         version=__version__,
         strategy="round_robin",
         uptime_s=3600.5,
-        in_flight=1,
+        in_flight=2,
+        waiting=1,
         routed_last_minute=12,
         counters=Counters(pulled=120, routed=121, completed=110, failed=9, reported=119),
         live=s.LiveCounters(

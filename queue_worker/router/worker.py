@@ -160,6 +160,7 @@ class Router:
         )
         self.slots = SharedSlots(store.redis, store.keys) if settings.shared_capacity else None
         self.reserved = 0  # tasks pulled and not yet terminal (on an executor, or waiting)
+        self.waiting = 0  # tasks waiting for a free slot (pulled ahead, or retrying)
         self.polls = 0
         self.empty_polls = 0
         self.queue_errors = 0
@@ -614,10 +615,14 @@ class Router:
             pick_from = others if any(x.routable for x in others) else members
             decision = self.balancer.decide([x.snapshot() for x in pick_from], key)
             if decision is None:  # all full: wait for a slot (or a health change)
-                if self.slots is None:
-                    await self._wait_for_slot(pick_from, pool.membership)
-                else:  # other replicas free slots without telling us: look again soon
-                    await asyncio.sleep(SLOT_POLL_S)
+                self.waiting += 1
+                try:
+                    if self.slots is None:
+                        await self._wait_for_slot(pick_from, pool.membership)
+                    else:  # other replicas free slots without telling us: look again soon
+                        await asyncio.sleep(SLOT_POLL_S)
+                finally:
+                    self.waiting -= 1
                 continue
             candidates = [x.candidate() for x in members]
             chosen = pick_from[decision.index]
