@@ -76,8 +76,8 @@ async def test_in_flight_never_exceeds_capacity_and_uses_it(stack_factory) -> No
 
 @pytest.mark.parametrize("ahead", [0, 1, 2])
 async def test_pull_ahead_holds_that_many_tasks_beyond_capacity(stack_factory, ahead) -> None:
-    """With every slot busy, PULL_AHEAD tasks wait, pulled; no more, and none on an executor
-    beyond its capacity. Each waiting one is dispatched as soon as a slot frees."""
+    """With every slot busy, PULL_AHEAD tasks wait, pulled, and /status counts them as
+    waiting; never more, no executor beyond its capacity, and every task completes."""
     stack: Stack = await stack_factory(
         executors=1, latency_s=0.15, executor_capacity=1, pull_ahead=ahead
     )
