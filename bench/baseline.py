@@ -12,11 +12,11 @@ no event log. With no healthy executor the task is failed.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 
-from bench.reference import Protocol, parse_args, serve
+from bench import reference
+from bench.reference import Protocol
 
 
 async def route_serially(proto: Protocol, args: argparse.Namespace, deadline: float) -> None:
@@ -47,9 +47,7 @@ async def route_serially(proto: Protocol, args: argparse.Namespace, deadline: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("python -m bench.baseline", __doc__, argv)
-    asyncio.run(serve(args, route_serially))
-    return 0
+    return reference.main("python -m bench.baseline", __doc__, route_serially, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import asyncio
 import sys
 import time
 
-from bench.reference import Protocol, parse_args, serve
+from bench import reference
+from bench.reference import Protocol
 
 
 async def route_concurrently(proto: Protocol, args: argparse.Namespace, deadline: float) -> None:
@@ -55,9 +56,7 @@ async def route_concurrently(proto: Protocol, args: argparse.Namespace, deadline
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("python -m bench.ceiling", __doc__, argv)
-    asyncio.run(serve(args, route_concurrently))
-    return 0
+    return reference.main("python -m bench.ceiling", __doc__, route_concurrently, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark processes: /proc readings, percentiles, JSON lines.
+"""Small helpers shared by the benchmarks: /proc readings, percentiles, JSON lines, the
+event stream read in pages.
 
 psutil is not installed, so process figures come straight from ``/proc``.
 """
@@ -9,12 +10,15 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BENCH_CODE = (
@@ -84,6 +88,18 @@ def emit(obj: Any) -> None:
     """Write one JSON line on stdout (the child → ``bench.run`` channel)."""
     sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
     sys.stdout.flush()
+
+
+async def stream_pages(redis: aioredis.Redis, key: str, count: int) -> AsyncIterator[Any]:
+    """The stream ``key`` from its start in ``XRANGE`` pages of ``count`` entries; the
+    last page is the first one shorter than ``count`` (it may be empty)."""
+    lower = "-"
+    while True:
+        raws = await redis.xrange(key, lower, "+", count=count)
+        yield raws
+        if len(raws) < count:
+            return
+        lower = "(" + raws[-1][0].decode()
 
 
 @contextmanager

@@ -165,3 +165,9 @@ async def serve(args: argparse.Namespace, route: Router) -> None:
             "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
     )
+
+
+def main(prog: str, doc: str | None, route: Router, argv: list[str] | None) -> int:
+    """The ``main`` of a reference router: parse the options, then ``serve``."""
+    asyncio.run(serve(parse_args(prog, doc, argv), route))
+    return 0

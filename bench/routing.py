@@ -31,7 +31,8 @@ from typing import Any
 import msgspec
 
 from bench.common import BENCH_CODE, log_dir, percentile
-from bench.run import Bench, Scenario
+from bench.processes import Harness, Stack
+from bench.scenarios import Scenario
 from queue_worker.streams import events as ev
 from queue_worker.streams.keys import Keys
 from queue_worker.streams.store import EventStore
@@ -67,14 +68,14 @@ def latency_figures(sent: dict[str, float], received: dict[str, float]) -> dict[
 
 
 class RoutingBench:
-    def __init__(self, bench: Bench, quick: bool) -> None:
-        self.bench = bench
+    def __init__(self, harness: Harness, quick: bool) -> None:
+        self.harness = harness
         self.quick = quick
 
     async def _wait_done(self, n: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if len(self.bench.listener.received) >= n:
+            if len(self.harness.listener.received) >= n:
                 return
             await asyncio.sleep(0.05)
 
@@ -93,56 +94,48 @@ class RoutingBench:
             eval_id = f"{prefix}-{i:05d}"
             sent[eval_id] = time.time()
             body = {"eval_id": eval_id, "code": BENCH_CODE, "timeout": 30}
-            async with self.bench.http.post(f"{queue}/tasks", json=body) as resp:
+            async with self.harness.http.post(f"{queue}/tasks", json=body) as resp:
                 assert resp.status == 200, await resp.text()
         for _, action in pending:
             await action()
         return sent
 
     async def _control(self, executor: str, **changes: Any) -> None:
-        async with self.bench.http.post(f"{executor}/_control", json=changes) as resp:
+        async with self.harness.http.post(f"{executor}/_control", json=changes) as resp:
             assert resp.status == 200, await resp.text()
-
-    async def _stats(self, queue: str) -> Any:
-        async with self.bench.http.get(f"{queue}/_bench/stats") as resp:
-            return msgspec.json.decode(await resp.read())
 
     async def _run(
         self, scn: Scenario, env: dict[str, str], body: Any
     ) -> tuple[Any, list[ev.Entry], Any, list[str]]:
-        """Start the stack and the worker, run ``body(queue, executors)``, stop them."""
-        bench = self.bench
-        stack, queue, executors = await bench.start_stack(scn)
+        """Start the stack and the worker (``env`` added), run ``body(stack)``, stop them."""
+        h = self.harness
+        stack = await h.start_stack(scn)
         try:
-            await bench.redis.flushall()
-            bench.listener.reset()
-            bench.args.worker_env = [f"{k}={v}" for k, v in env.items()]
-            worker, _ = await bench.start_worker(scn, queue, executors)
+            await h.redis.flushall()
+            h.listener.reset()
+            worker, _ = await h.start_worker(scn, stack, env=env)
             try:
-                result = await body(queue, executors)
-                stats = await self._stats(queue)
+                result = await body(stack)
+                stats = await stack.stats()
             finally:
                 await worker.stop()
-            entries = await EventStore(bench.redis, Keys(), "bench").read_all()
+            entries = await EventStore(h.redis, Keys(), "bench").read_all()
         finally:
             await stack.stop()
-        return result, entries, stats, executors
+        return result, entries, stats, stack.executors
 
     # --- (a) throughput with a full queue --------------------------------------------
 
     async def full_queue(self, strategy: str) -> dict[str, Any]:
         n = 180 if self.quick else 600
 
-        async def body(queue: str, executors: list[str]) -> dict[str, Any]:
-            async with self.bench.http.post(
-                f"{queue}/_bench/fill", json={"count": n, "prefix": "a", "code": BENCH_CODE}
-            ) as resp:
-                assert resp.status == 200
+        async def body(stack: Stack) -> dict[str, Any]:
+            await stack.fill(n, "a")
             await self._wait_done(n, 120)
             return {}
 
         _, _, stats, _ = await self._run(scenario("a"), {"ROUTING_STRATEGY": strategy}, body)
-        received = self.bench.listener.received
+        received = self.harness.listener.received
         done = len(received)
         window = max(received.values()) - stats["first_pull"] if received else 0.0
         rate = done / window if window else 0.0
@@ -160,14 +153,14 @@ class RoutingBench:
     async def slow_one(self, strategy: str) -> dict[str, Any]:
         n = 100 if self.quick else 300
 
-        async def body(queue: str, executors: list[str]) -> dict[str, float]:
-            sent = await self._offer(queue, n, 20.0, "b", at={})
+        async def body(stack: Stack) -> dict[str, float]:
+            sent = await self._offer(stack.queue, n, 20.0, "b", at={})
             await self._wait_done(n, 60)
             return sent
 
         env = {"ROUTING_STRATEGY": strategy, "POLL_INTERVAL_S": POLL_INTERVAL_S}
         sent, _, stats, _ = await self._run(scenario("b", slow=True), env, body)
-        figures = latency_figures(sent, self.bench.listener.received)
+        figures = latency_figures(sent, self.harness.listener.received)
         return {"strategy": strategy, "tasks": n, **figures, "executed": stats["executed"]}
 
     # --- (c) an executor failing mid-run -------------------------------------------
@@ -185,47 +178,27 @@ class RoutingBench:
         }
         marks: dict[str, float] = {}
 
-        async def body(queue: str, executors: list[str]) -> dict[str, float]:
+        async def body(stack: Stack) -> dict[str, float]:
             async def fail() -> None:
                 marks["fail"] = time.time()
-                await self._control(executors[0], execute="error500")
+                await self._control(stack.executors[0], execute="error500")
 
             async def recover() -> None:
                 marks["recover"] = time.time()
-                await self._control(executors[0], execute="normal")
+                await self._control(stack.executors[0], execute="normal")
 
-            sent = await self._offer(queue, n, 20.0, "c", at={t_fail: fail, t_recover: recover})
+            at = {t_fail: fail, t_recover: recover}
+            sent = await self._offer(stack.queue, n, 20.0, "c", at=at)
             await self._wait_done(n, 60)
             return sent
 
         sent, entries, stats, executors = await self._run(scenario("c"), env, body)
         bad = executors[0]
         fail_ms, recover_ms = marks["fail"] * 1000, marks["recover"] * 1000
-        ejections: list[tuple[int, int | None, float]] = []
-        for e in entries:
-            if isinstance(e.event, ev.ExecutorEjected) and e.event.executor == bad:
-                ejections.append((e.ts, None, e.event.ejection_s))
-            elif isinstance(e.event, ev.ExecutorRejoined) and e.event.executor == bad:
-                start, _, seconds = ejections[-1]
-                ejections[-1] = (start, e.ts, seconds)
-
-        def ejected_at(ts: int) -> bool:
-            return any(a < ts and (b is None or ts < b) for a, b, _ in ejections)
-
-        to_bad = [
-            e for e in entries if isinstance(e.event, ev.TaskDispatched) and e.event.executor == bad
-        ]
-        retries = [
-            e
-            for e in entries
-            if isinstance(e.event, ev.TaskRetryScheduled) and e.event.executor == bad
-        ]
-        failed = [e for e in entries if isinstance(e.event, ev.TaskFailed)]
-        failing_window = [e for e in to_bad if fail_ms <= e.ts < recover_ms]
-        after = [e for e in to_bad if e.ts >= recover_ms]
+        ejections = ejections_of(entries, bad)
         during = {k: t for k, t in sent.items() if fail_ms <= t * 1000 < recover_ms}
         before = {k: t for k, t in sent.items() if t * 1000 < fail_ms}
-        received = self.bench.listener.received
+        received = self.harness.listener.received
         return {
             "tasks": n,
             "done": len(received),
@@ -239,23 +212,59 @@ class RoutingBench:
                 }
                 for a, b, s in ejections
             ],
-            "dispatched_to_failing_while_failing": len(failing_window),
-            "dispatched_to_failing_while_ejected": sum(1 for e in to_bad if ejected_at(e.ts)),
-            "failed_attempts_on_it": len(retries),
-            "terminal_failures": len(failed),
-            "dispatched_to_it_after_recovery": len(after),
+            **dispatch_figures(entries, bad, (fail_ms, recover_ms), ejections),
             "latency_before": latency_figures(before, received),
             "latency_while_failing": latency_figures(during, received),
             "executed": stats["executed"],
         }
 
 
+Ejection = tuple[int, int | None, float]  # ejected at, rejoined at (stream ms), ejection_s
+
+
+def ejections_of(entries: list[ev.Entry], executor: str) -> list[Ejection]:
+    ejections: list[Ejection] = []
+    for e in entries:
+        if isinstance(e.event, ev.ExecutorEjected) and e.event.executor == executor:
+            ejections.append((e.ts, None, e.event.ejection_s))
+        elif isinstance(e.event, ev.ExecutorRejoined) and e.event.executor == executor:
+            start, _, seconds = ejections[-1]
+            ejections[-1] = (start, e.ts, seconds)
+    return ejections
+
+
+def dispatch_figures(
+    entries: list[ev.Entry], bad: str, failing_ms: tuple[float, float], ejections: list[Ejection]
+) -> dict[str, int]:
+    """Dispatches to the executor ``bad`` while it failed, while ejected and after it
+    recovered; failed attempts on it; terminal failures."""
+    fail_ms, recover_ms = failing_ms
+
+    def ejected_at(ts: int) -> bool:
+        return any(a < ts and (b is None or ts < b) for a, b, _ in ejections)
+
+    to_bad = [
+        e for e in entries if isinstance(e.event, ev.TaskDispatched) and e.event.executor == bad
+    ]
+    retries = [
+        e for e in entries if isinstance(e.event, ev.TaskRetryScheduled) and e.event.executor == bad
+    ]
+    return {
+        "dispatched_to_failing_while_failing": sum(
+            1 for e in to_bad if fail_ms <= e.ts < recover_ms
+        ),
+        "dispatched_to_failing_while_ejected": sum(1 for e in to_bad if ejected_at(e.ts)),
+        "failed_attempts_on_it": len(retries),
+        "terminal_failures": sum(1 for e in entries if isinstance(e.event, ev.TaskFailed)),
+        "dispatched_to_it_after_recovery": sum(1 for e in to_bad if e.ts >= recover_ms),
+    }
+
+
 async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    bench_args = argparse.Namespace(quick=args.quick, log_level="WARNING", worker_env=[])
     out: dict[str, Any] = {}
     parts = args.part.split(",")
-    async with Bench(bench_args, workdir) as bench:
-        rb = RoutingBench(bench, args.quick)
+    async with Harness(workdir, log_level="WARNING") as harness:
+        rb = RoutingBench(harness, args.quick)
         if "a" in parts:
             out["a"] = [await rb.full_queue(s) for s in ("least_loaded", "round_robin")]
         if "b" in parts:

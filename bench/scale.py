@@ -12,82 +12,54 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import sys
 import time
 import uuid
 
-import aiohttp
+from bench.common import log_dir
+from bench.processes import WORKER_ARGV, Child, Harness, worker_env
+from bench.scenarios import SCENARIOS
 
-from queue_worker.devstack.redis import RedisServer
+SCENARIO = SCENARIOS["instant"]  # three instant executors with capacity 8 each
+CAPACITY = SCENARIO.capacity
 
-CAPACITY = 8
 
-
-async def run_once(redis_url: str, replicas: int, tasks: int, budget_s: float) -> float:
-    stack = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.stack", "--executors", "3", "--latency-ms", "0",
-        "--capacity", str(CAPACITY), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert stack.stdout is not None
-    urls = json.loads(await stack.stdout.readline())
+async def run_once(harness: Harness, replicas: int, tasks: int, budget_s: float) -> float:
+    stack = await harness.start_stack(SCENARIO)
     prefix = f"scale-{uuid.uuid4().hex[:8]}"
-    workers = []
+    workers: list[Child] = []
     try:
-        async with aiohttp.ClientSession() as http:
-            fill = {"count": tasks, "prefix": "t", "code": "print(1)", "timeout": 30}
-            async with http.post(f"{urls['queue']}/_bench/fill", json=fill) as resp:
-                resp.raise_for_status()
-            started = time.perf_counter()
-            for i in range(replicas):
-                env = {
-                    **os.environ,
-                    "QUEUE_SERVICE_URL": urls["queue"],
-                    "REDIS_URL": redis_url,
-                    "EXECUTOR_URLS": ",".join(urls["executors"]),
-                    "EXECUTOR_CAPACITY": str(CAPACITY),
-                    "SHARED_CAPACITY": "true",
-                    "STREAM_PREFIX": prefix,
-                    "HOSTNAME": f"replica-{i + 1}",
-                    "PORT": "0",
-                    "HOST": "127.0.0.1",
-                    "POLL_INTERVAL_S": "0.05",
-                    "LOG_LEVEL": "ERROR",
-                }
-                workers.append(
-                    await asyncio.create_subprocess_exec(
-                        sys.executable,
-                        "-m",
-                        "queue_worker",
-                        "run",
-                        env=env,
-                        stdout=asyncio.subprocess.DEVNULL,
-                        stderr=asyncio.subprocess.DEVNULL,
-                    )
-                )
-            deadline = started + budget_s
-            reported = 0
-            while reported < tasks and time.perf_counter() < deadline:
-                await asyncio.sleep(0.1)
-                async with http.get(f"{urls['queue']}/_bench/progress") as resp:
-                    reported = (await resp.json())["reported"]
-            return reported / (time.perf_counter() - started)
+        await stack.fill(tasks, "t", code="print(1)")
+        started = time.perf_counter()
+        for i in range(replicas):
+            settings = {
+                "EXECUTOR_CAPACITY": str(CAPACITY),
+                "SHARED_CAPACITY": "true",
+                "STREAM_PREFIX": prefix,
+                "HOSTNAME": f"replica-{i + 1}",
+                "PORT": "0",
+                "HOST": "127.0.0.1",
+                "POLL_INTERVAL_S": "0.05",
+                "LOG_LEVEL": "ERROR",
+            }
+            env = worker_env(stack.queue, stack.executors, harness.redis_url, settings)
+            workers.append(await harness.spawn(f"replica-{i + 1}", WORKER_ARGV, env=env))
+        deadline = started + budget_s
+        reported = 0
+        while reported < tasks and time.perf_counter() < deadline:
+            await asyncio.sleep(0.1)
+            reported = (await stack.progress())["reported"]
+        return reported / (time.perf_counter() - started)
     finally:
-        for proc in workers:
-            proc.terminate()
-        await asyncio.gather(*(p.wait() for p in workers))
-        stack.terminate()
-        await stack.wait()
+        await asyncio.gather(*(w.stop() for w in workers))
+        await stack.stop()
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    with RedisServer() as redis:
-        rows = []
-        for n in args.replicas:
-            rate = await run_once(redis.url, n, args.tasks, args.budget_s)
-            rows.append((n, rate))
+    with log_dir("qw-scale-", keep=False) as workdir:
+        async with Harness(workdir, listen=False) as harness:
+            rows = [
+                (n, await run_once(harness, n, args.tasks, args.budget_s)) for n in args.replicas
+            ]
         base = rows[0][1]
         print(f"scale-out, {args.tasks} tasks, 3 instant executors x capacity {CAPACITY}")
         print("| replicas | tasks/s | vs 1 replica |")

@@ -12,11 +12,13 @@ between them need no clock agreement:
 * the queue records when it hands out a task (``pull``) and when it accepts
   the task's first report (``complete``/``fail``);
 * each executor records when ``POST /execute`` reached its handler and when
-  the handler answered.
+  the handler answered;
+* with ``--count-polls``, the queue counts its ``GET /tasks/next`` requests.
 
 Extra routes on the queue (benchmark only): ``POST /_bench/fill`` enqueues
-many tasks in-process, ``GET /_bench/progress`` is a cheap counter and
-``GET /_bench/stats`` summarises the run.
+many tasks in-process, ``GET /_bench/progress`` is a cheap counter (and the
+poll count), ``GET /_bench/stats`` summarises the run and ``GET /_bench/tasks``
+lists each task's timestamps and executor.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Recorder:
         self.reported_at: dict[str, float] = {}
         self.exec_in: dict[str, float] = {}
         self.exec_out: dict[str, float] = {}
+        self.executor_of: dict[str, str] = {}
+        self.outcome_of: dict[str, str] = {}
+        self.polls = 0  # GET /tasks/next requests, with --count-polls
         self.busy_s: dict[str, float] = {}
         self.spans: dict[str, list[tuple[float, float]]] = {}
         self.executed: Counter[str] = Counter()
@@ -72,18 +77,17 @@ class BenchQueueState(QueueState):
         return task
 
     def complete(self, eval_id: str, output: Any) -> bool:
-        ok = super().complete(eval_id, output)
-        if ok:
-            self.recorder.reported_at.setdefault(eval_id, time.time())
-            self.recorder.outcomes["completed"] += 1
-        return ok
+        return self._reported(super().complete(eval_id, output), eval_id, "completed")
 
     def fail(self, eval_id: str, error: str) -> bool:
-        ok = super().fail(eval_id, error)
-        if ok:
+        return self._reported(super().fail(eval_id, error), eval_id, "failed")
+
+    def _reported(self, accepted: bool, eval_id: str, outcome: str) -> bool:
+        if accepted:
             self.recorder.reported_at.setdefault(eval_id, time.time())
-            self.recorder.outcomes["failed"] += 1
-        return ok
+            self.recorder.outcome_of.setdefault(eval_id, outcome)
+            self.recorder.outcomes[outcome] += 1
+        return accepted
 
 
 class _EvalId(msgspec.Struct):
@@ -108,6 +112,7 @@ def _timing_middleware(recorder: Recorder, executor_id: str) -> Any:
             finished = time.time()
             recorder.exec_in.setdefault(eval_id, started)
             recorder.exec_out.setdefault(eval_id, finished)
+            recorder.executor_of.setdefault(eval_id, executor_id)
             recorder.busy_s[executor_id] = recorder.busy_s.get(executor_id, 0.0) + (
                 finished - started
             )
@@ -195,8 +200,39 @@ def summarise(recorder: Recorder, queue: QueueState, executors: list[web.Applica
     }
 
 
-def create_queue_app(recorder: Recorder, executors: list[web.Application]) -> web.Application:
+def _poll_counter(recorder: Recorder) -> Any:
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/tasks/next":
+            recorder.polls += 1
+        return await handler(request)
+
+    return count
+
+
+def task_times(recorder: Recorder) -> dict[str, dict[str, Any]]:
+    """Each reported task: pulled, executor in/out, reported (``time.time()`` of this
+    process), its executor and its outcome."""
+    rec = recorder
+    return {
+        eval_id: {
+            "pulled": rec.pulled_at.get(eval_id),
+            "exec_in": rec.exec_in.get(eval_id),
+            "exec_out": rec.exec_out.get(eval_id),
+            "reported": t_report,
+            "executor": rec.executor_of.get(eval_id),
+            "outcome": rec.outcome_of.get(eval_id),
+        }
+        for eval_id, t_report in rec.reported_at.items()
+    }
+
+
+def create_queue_app(
+    recorder: Recorder, executors: list[web.Application], *, count_polls: bool = False
+) -> web.Application:
     app = create_devstack_queue_app()
+    if count_polls:  # only when asked: it costs every request a middleware call
+        app.middlewares.append(_poll_counter(recorder))
     state = BenchQueueState(recorder)
     app[QUEUE_STATE] = state
 
@@ -209,14 +245,25 @@ def create_queue_app(recorder: Recorder, executors: list[web.Application]) -> we
         return _json({"queued": body.count})
 
     async def progress(request: web.Request) -> web.Response:
-        return _json({"pulled": len(recorder.pulled_at), "reported": len(recorder.reported_at)})
+        return _json(
+            {
+                "pulled": len(recorder.pulled_at),
+                "reported": len(recorder.reported_at),
+                "polls": recorder.polls,
+            }
+        )
 
     async def stats(request: web.Request) -> web.Response:
         return _json(summarise(recorder, state, executors))
 
     app.router.add_post("/_bench/fill", fill)
     app.router.add_get("/_bench/progress", progress)
+
+    async def tasks(request: web.Request) -> web.Response:
+        return _json(task_times(recorder))
+
     app.router.add_get("/_bench/stats", stats)
+    app.router.add_get("/_bench/tasks", tasks)
     return app
 
 
@@ -234,7 +281,7 @@ def build(args: argparse.Namespace, recorder: Recorder) -> tuple[Server, list[Se
         )
         app.middlewares.append(_timing_middleware(recorder, executor_id))
         executor_apps.append(app)
-    queue = Server(create_queue_app(recorder, executor_apps))
+    queue = Server(create_queue_app(recorder, executor_apps, count_polls=args.count_polls))
     return queue, [Server(app) for app in executor_apps]
 
 
@@ -270,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow-factor", type=float, default=5.0)
     parser.add_argument("--hang-health-index", type=int, default=-1, help="GET /health hangs")
     parser.add_argument("--max-seconds", type=float, default=3600.0)
+    parser.add_argument(
+        "--count-polls", action="store_true", help="count GET /tasks/next (in /_bench/progress)"
+    )
     args = parser.parse_args(argv)
     asyncio.run(serve(args))
     return 0

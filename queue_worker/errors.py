@@ -6,8 +6,13 @@ class QueueWorkerError(Exception):
 
 
 class ConfigError(QueueWorkerError):
-    """A setting is missing or invalid; the message names the variable."""
+    """Settings are missing or invalid; each problem names its variable.
 
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(f"{variable}: {message}")
+    ``variable`` names the first of them; ``problems`` holds them all, as
+    ``(variable, message)`` pairs, one line each in ``str()``.
+    """
+
+    def __init__(self, variable: str, message: str, *more: tuple[str, str]) -> None:
+        self.problems: tuple[tuple[str, str], ...] = ((variable, message), *more)
+        super().__init__("\n".join(f"{name}: {text}" for name, text in self.problems))
         self.variable = variable

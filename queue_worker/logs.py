@@ -1,11 +1,14 @@
 """structlog, configured once: JSON in production, console for development.
 
 A processor masks any field whose name suggests a secret, so an API key or
-a password never reaches a log line.
+a password never reaches a log line; another replaces any field named like a
+task's payload (its code, the executor's output or error body, a body read from
+a service) with its size and hash, so what users submit never does either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from collections.abc import Callable, MutableMapping
@@ -23,6 +26,24 @@ def redact_secrets(
     for key in event_dict:
         if any(word in key.lower() for word in SECRET_WORDS):
             event_dict[key] = "***"
+    return event_dict
+
+
+# Fields whose value is (or holds) a task's code, its output or error body, or a body read
+# from another service: logged as {"redacted": true, "bytes": N, "sha256": ...}.
+PAYLOAD_FIELDS = frozenset(
+    {"code", "output", "stdout", "stderr", "result", "task", "excerpt", "body", "payload"}
+)
+
+
+def redact_payloads(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if key.lower() in PAYLOAD_FIELDS and value is not None:
+            data = value.encode() if isinstance(value, str) else to_json(value, repr).encode()
+            sha = hashlib.sha256(data).hexdigest()
+            event_dict[key] = {"redacted": True, "bytes": len(data), "sha256": sha}
     return event_dict
 
 
@@ -45,6 +66,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
+            redact_payloads,
             structlog.processors.format_exc_info,
             renderer,
         ],

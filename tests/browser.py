@@ -6,6 +6,7 @@ import asyncio
 import os
 import struct
 import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,51 @@ def looks_drawn(png: Png) -> bool:
     return distinct_rows >= png.height // 8 and distinct_bytes >= 128
 
 
-async def live_page(profile: Path, url: str, wait_s: float) -> tuple[str, bytes]:
+@dataclass(frozen=True)
+class Click:
+    """A real click (mouse pressed and released over the DevTools protocol) at the middle of
+    the first element matching ``selector``, scrolled into view first (waiting up to 10 s
+    for it to be shown)."""
+
+    selector: str
+
+
+@dataclass(frozen=True)
+class Type:
+    """Click the element matching ``selector`` (focusing it), then type ``text`` into it."""
+
+    selector: str
+    text: str
+
+
+@dataclass(frozen=True)
+class WaitFor:
+    """Wait until the JavaScript expression ``condition`` is true in the page."""
+
+    condition: str
+    timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class Shot:
+    """Save a screenshot of the page to ``path``."""
+
+    path: Path
+
+
+Step = str | Callable[[], Awaitable[object]] | Click | Type | WaitFor | Shot
+
+
+async def live_page(
+    profile: Path, url: str, wait_s: float, steps: Sequence[tuple[float, Step]] = ()
+) -> tuple[str, bytes]:
     """Open ``url`` in headless Chromium, let it run ``wait_s`` in real time, then read its
-    DOM and a screenshot over the DevTools protocol (for pages that never go idle)."""
+    DOM and a screenshot over the DevTools protocol (for pages that never go idle).
+
+    ``steps`` are ``(seconds, step)``: after waiting that long, a JavaScript expression is
+    evaluated in the page (typing into a form, say) or a coroutine function is awaited
+    (restarting the server, say), in order, before ``wait_s``.
+    """
     import base64
     import itertools
 
@@ -141,6 +184,62 @@ async def live_page(profile: Path, url: str, wait_s: float) -> tuple[str, bytes]
                     "Emulation.setDeviceMetricsOverride",
                     width=width, height=height, deviceScaleFactor=1, mobile=False,
                 )  # fmt: skip
+
+                async def value_of(expression: str) -> object:
+                    done = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                    assert "exceptionDetails" not in done, (expression, done)
+                    result = done["result"]
+                    assert isinstance(result, dict)
+                    return result.get("value")
+
+                async def click(selector: str) -> None:
+                    where: object = None
+                    for _ in range(100):  # up to 10 s for it to be shown
+                        where = await value_of(
+                            f"(() => {{ const el = document.querySelector({selector!r}); "
+                            "if (!el) return null; el.scrollIntoView({block: 'center'}); "
+                            "const r = el.getBoundingClientRect(); "
+                            "if (r.width === 0 || r.height === 0) return null; "
+                            "return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+                        )
+                        if where is not None:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert isinstance(where, list), f"no element {selector!r} shown to click"
+                    x, y = where
+                    for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+                        await call(
+                            "Input.dispatchMouseEvent", type=kind, x=x, y=y,
+                            button="left", clickCount=1,
+                        )  # fmt: skip
+
+                for delay_s, step in steps:
+                    await asyncio.sleep(delay_s)
+                    if isinstance(step, Click):
+                        await click(step.selector)
+                    elif isinstance(step, Type):
+                        await click(step.selector)
+                        await call("Input.insertText", text=step.text)
+                    elif isinstance(step, WaitFor):
+                        for _ in range(max(1, round(step.timeout_s / 0.1))):
+                            if await value_of(f"Boolean({step.condition})") is True:
+                                break
+                            await asyncio.sleep(0.1)
+                        else:
+                            body = await value_of("document.body.innerText.slice(0, 3000)")
+                            raise AssertionError(
+                                f"the page never met {step.condition} in {step.timeout_s}s; "
+                                f"it showed: {body}"
+                            )
+                    elif isinstance(step, Shot):
+                        shot = await call("Page.captureScreenshot", format="png")
+                        assert isinstance(shot["data"], str)
+                        step.path.write_bytes(base64.b64decode(shot["data"]))
+                    elif isinstance(step, str):
+                        done = await call("Runtime.evaluate", expression=step)
+                        assert "exceptionDetails" not in done, (step, done)
+                    else:
+                        await step()
                 await asyncio.sleep(wait_s)
                 dom = await call(
                     "Runtime.evaluate",

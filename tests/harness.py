@@ -12,14 +12,14 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import redis.asyncio as aioredis
 
 from queue_worker.config import Settings
 from queue_worker.devstack.executor import EXECUTOR_STATE, ExecutorState, create_executor_app
 from queue_worker.devstack.queue import QUEUE_STATE, QueueState, create_queue_app
 from queue_worker.devstack.serve import Server
 from queue_worker.http.app import create_app
-from queue_worker.streams.connection import RedisClient, open_redis
+from queue_worker.http.state import STATUS
+from queue_worker.streams.connection import RedisClient, RedisTls, open_redis, plain_client
 from queue_worker.streams.events import Entry
 from queue_worker.streams.keys import COMPLETED_CHANNEL, FAILED_CHANNEL, Keys
 from queue_worker.streams.store import EventStore
@@ -55,9 +55,14 @@ class Stack:
     messages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _listener: asyncio.Task[None] | None = None
 
+    @property
+    def redis_tls(self) -> RedisTls:
+        s = self.settings
+        return RedisTls(s.redis_ca_file, s.redis_cert_file, s.redis_key_file)
+
     async def start(self, *, worker: bool = True) -> Stack:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        self.redis = await open_redis(self.redis_url)
+        self.redis = await open_redis(self.redis_url, self.redis_tls)
         self.store = EventStore(self.redis, Keys(self.prefix), "test")
         await self.queue.start()
         for x in self.executors:
@@ -73,6 +78,7 @@ class Stack:
         settings = self.settings.with_(**changes) if changes else self.settings
         self.worker = Server(create_app(settings))
         await self.worker.start()
+        await self.worker.app[STATUS].replayed.wait()  # it folds the stream as it starts
         return self.worker
 
     async def stop_worker(self) -> None:
@@ -82,7 +88,7 @@ class Stack:
 
     async def _listen(self, ready: asyncio.Event) -> None:
         # A plain client on the URL's node: in a cluster, messages reach every node.
-        client = aioredis.Redis.from_url(self.redis_url)
+        client = plain_client(self.redis_url, self.redis_tls)
         pubsub = client.pubsub()
         await pubsub.subscribe(COMPLETED_CHANNEL, FAILED_CHANNEL)
         ready.set()
@@ -126,6 +132,11 @@ class Stack:
         ids = [f"{prefix}-{i:05d}" for i in range(n)]
         await asyncio.gather(*(self.enqueue(i, **fields) for i in ids))
         return ids
+
+    async def expire(self, eval_id: str) -> None:
+        """Let the queue's lease on ``eval_id`` run out now (it goes back to the queue)."""
+        async with self.http.post(f"{self.queue.url}/_expire/{eval_id}") as resp:
+            assert resp.status == 200, await resp.text()
 
     async def inject(self, body: bytes) -> None:
         async with self.http.post(f"{self.queue.url}/_inject", data=body) as resp:
@@ -183,6 +194,12 @@ class Stack:
         async with self.http.get(f"{self.worker.url}{path}") as resp:
             return resp.status, msgspec.json.decode(await resp.read())
 
+    async def post_json(self, url: str, path: str, body: object, token: str) -> tuple[int, Any]:
+        """POST ``body`` as JSON to ``url + path`` with a bearer ``token``; status and JSON."""
+        headers = {"Authorization": f"Bearer {token}"}
+        async with self.http.post(f"{url}{path}", json=body, headers=headers) as resp:
+            return resp.status, msgspec.json.decode(await resp.read())
+
 
 async def spawn_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
     """``python -m queue_worker run`` with ``env``, its output discarded."""
@@ -224,6 +241,9 @@ def make_stack(
         report_backoff_max_s=0.2,
         projector_block_ms=100,
         shutdown_grace_s=2.0,
+        # A test process shares the machine with others: a heartbeat late by seconds is
+        # not what these tests are about (fencing is tested with its own timing).
+        dead_after_s=30.0,
         log_level="WARNING",
     )
     return Stack(

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from queue_worker.devstack.executor import EXECUTOR_STATE, create_executor_app
 from queue_worker.devstack.queue import QUEUE_STATE, NewTask, QueueState, create_queue_app
 from queue_worker.devstack.serve import Server
+from tests.harness import eventually
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ async def test_enqueue_pull_complete_then_404(http: aiohttp.ClientSession, queue
     assert await call(http, "GET", f"{queue.url}/tasks/next") == (
         200,
         {"eval_id": "e1", "code": "print('e1')", "language": "python", "engine": "docker",
-         "timeout": 30},
+         "timeout": 30, "priority": 0},
     )  # fmt: skip
     assert (await call(http, "GET", f"{queue.url}/tasks/e1"))[1]["status"] == "running"
     output = {"stdout": "e1\n", "exit_code": 0}
@@ -76,7 +78,8 @@ async def test_enqueue_pull_complete_then_404(http: aiohttp.ClientSession, queue
     assert await call(http, "GET", f"{queue.url}/tasks/e1") == (
         200,
         {"eval_id": "e1", "status": "completed", "output": output, "error": None,
-         "complete_calls": 2, "fail_calls": 0, "pulls": 1},
+         "complete_calls": 2, "fail_calls": 0, "pulls": 1,
+         "report_traceparents": [None, None]},  # no traceparent header on these reports
     )  # fmt: skip
     assert await call(http, "GET", f"{queue.url}/stats") == (
         200,
@@ -196,8 +199,15 @@ async def test_execute_completed_failed_timeout(
     assert await call(http, "GET", f"{executor.url}/stats") == (
         200,
         {"executor_id": "ex-1", "executed": 4, "in_flight": 0, "max_in_flight": 1,
-         "rejected_busy": 0, "eval_ids": {"ok": 2, "bad": 1, "slow": 1}, "health_checks": 0},
+         "rejected_busy": 0, "throttled": 0, "eval_ids": {"ok": 2, "bad": 1, "slow": 1},
+         "idempotency_keys": {"": 4}, "authorizations": {"": 4},
+         "traceparents": {"ok": [None, None], "bad": [None], "slow": [None]},
+         "health_checks": 0, "cancelled": 0},
     )  # fmt: skip
+    await execute(http, executor, "ok", headers={"Idempotency-Key": "ok:2"})
+    assert (await call(http, "GET", f"{executor.url}/stats"))[1]["idempotency_keys"] == {
+        "": 4, "ok:2": 1,
+    }  # fmt: skip
 
 
 async def test_execute_never_runs_code(
@@ -244,6 +254,35 @@ async def test_execute_modes(http: aiohttp.ClientSession, executor: Server) -> N
     assert (await execute(http, executor, "e"))[1]["status"] == "completed"
 
 
+async def test_hostile_modes(http: aiohttp.ClientSession, executor: Server) -> None:
+    control, url = f"{executor.url}/_control", f"{executor.url}/execute"
+    await call(http, "POST", control, {"execute": "nested", "health": "nested"})
+    for method, path, status in (("POST", "/execute", "completed"), ("GET", "/health", "healthy")):
+        body_in = {"eval_id": "n", "code": ""}
+        async with http.request(method, executor.url + path, json=body_in) as r:
+            body = await r.read()
+        assert r.status == 200
+        assert body == b'{"status": "%s", "detail": ' % status.encode() + b"[" * 50_000
+    await call(http, "POST", control, {"execute": "endless", "health": "healthy"})
+    async with http.post(url, json={"eval_id": "e", "code": ""}) as resp:
+        assert "Content-Length" not in resp.headers
+        read = 0
+        async for chunk in resp.content.iter_any():
+            read += len(chunk)
+            if read > 4 << 20:
+                break
+    assert read > 4 << 20
+    await eventually(lambda: executor.app[EXECUTOR_STATE].in_flight == 0, 10)  # it noticed
+    await call(http, "POST", control, {"execute": "normal"})
+    code = "SIMULATE_OUTPUT_BYTES=3000001"  # over 1 MiB: streamed, never held whole
+    async with http.post(url, json={"eval_id": "s", "code": code}) as resp:
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        assert "Content-Length" not in resp.headers
+        result = msgspec.json.decode(await resp.read())
+    assert result["status"] == "completed" and result["output"] == "x" * 3_000_001
+    assert (result["eval_id"], result["executor_id"], result["exit_code"]) == ("s", "ex-1", 0)
+
+
 async def test_capacity_busy(http: aiohttp.ClientSession) -> None:
     async with Server(create_executor_app("ex", latency_s=0.3, capacity=2)) as ex:
         results = await asyncio.gather(*(execute(http, ex, f"t{i}") for i in range(3)))
@@ -275,7 +314,7 @@ async def test_control(http: aiohttp.ClientSession, executor: Server) -> None:
     assert await call(http, "POST", control, {"latency_s": 0, "capacity": 3}) == (
         200,
         {"executor_id": "ex-1", "latency_s": 0.0, "failure_rate": 0.0, "capacity": 3,
-         "health": "healthy", "execute": "normal"},
+         "health": "healthy", "execute": "normal", "retry_after": None, "cancel": True},
     )  # fmt: skip
     for bad in (
         {"health": "sleepy"},
@@ -284,12 +323,35 @@ async def test_control(http: aiohttp.ClientSession, executor: Server) -> None:
         {"latency_s": -1},
         {"capacity": "many"},
         {"latncy_s": 1},
+        {"retry_after": 5},
+        {"cancel": 1},
+        {"retry_after": "1\r\nX-Injected: 1"},
         [1],
     ):
         status, body = await call(http, "POST", control, bad)
         assert status == 400, bad
         assert "detail" in body
     assert executor.app[EXECUTOR_STATE].capacity == 3  # unchanged by rejected requests
+
+
+async def test_cancel_aborts_a_run(http: aiohttp.ClientSession, executor: Server) -> None:
+    control = f"{executor.url}/_control"
+    await call(http, "POST", control, {"latency_s": 30})
+    run = asyncio.create_task(execute(http, executor, "long"))
+    state = executor.app[EXECUTOR_STATE]
+    await eventually(lambda: "long" in state.runs)
+    cancel = f"{executor.url}/execute/long/cancel"
+    assert await call(http, "POST", cancel) == (202, {"eval_id": "long", "status": "cancelling"})
+    status, body = await run  # answered at once, not after 30 s
+    assert status == 200 and (body["status"], body["error"]) == ("failed", "cancelled")
+    assert state.cancelled == 1 and state.in_flight == 0 and not state.runs
+    assert (await call(http, "POST", cancel))[0] == 404  # nothing of it runs now
+    await call(http, "POST", control, {"cancel": False, "latency_s": 0.5})
+    run = asyncio.create_task(execute(http, executor, "long"))
+    await eventually(lambda: "long" in state.runs)
+    assert (await call(http, "POST", cancel))[0] == 404  # not offered: it runs to its end
+    status, body = await run
+    assert status == 200 and body["status"] == "completed"
 
 
 def test_create_executor_app_validates() -> None:
@@ -349,6 +411,22 @@ async def test_lease_expires_renews_and_returns_the_task(
     assert status == 404  # the second pull took no lease
     assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=-1"))[0] == 400
     assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=x"))[0] == 400
+
+
+async def test_a_lease_dropped_on_demand_is_404_on_renewal_and_a_late_result_counts(
+    http: aiohttp.ClientSession, queue: Server
+) -> None:
+    await enqueue(http, queue, "dropped")
+    assert (await call(http, "GET", f"{queue.url}/tasks/next?lease_s=30"))[1]["eval_id"]
+    assert (await call(http, "POST", f"{queue.url}/_expire/dropped"))[0] == 200
+    assert (await call(http, "POST", f"{queue.url}/_expire/dropped"))[0] == 404  # none left
+    assert (await call(http, "POST", f"{queue.url}/tasks/dropped/renew"))[0] == 404
+    record = queue.app[QUEUE_STATE].tasks["dropped"]
+    assert record.status == "queued" and record.pulls == 1
+    # The run it was leased to still reports: a queued task that was handed out takes it.
+    ok = await call(http, "POST", f"{queue.url}/tasks/dropped/complete", {"output": {"x": 1}})
+    assert ok == (200, {"status": "completed"})
+    assert (await call(http, "GET", f"{queue.url}/tasks/next"))[1] is None
 
 
 async def test_leases_expire_by_deadline_and_a_renewal_outlives_the_old_one() -> None:

@@ -46,6 +46,7 @@ async def test_executor_answering_garbage_500_or_bad_status(stack_factory) -> No
         ],
         executor_capacity=1,
         retry_base_ms=10,
+        retry_budget_percent=100,  # every 500 retried: this fleet fails all it runs
     )
     ids = await stack.enqueue_many(9)
     await stack.wait_terminal(9)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import msgspec
+import asyncio
 
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from queue_worker.http.serve import JsonErrorHandler
 from queue_worker.streams.views import fold
 from tests.harness import Stack, eventually
 
@@ -136,3 +141,73 @@ async def test_status_shows_the_fleet_and_liveness(stack_factory) -> None:
     assert await stack.redis.pttl(key) > 0  # refreshed, with a TTL
     await stack.stop_worker()
     assert await stack.redis.exists(key) == 0  # a clean stop removes it
+
+
+async def test_every_get_route_answers_head(stack_factory) -> None:
+    """HEAD: the status and headers of a GET, and no body (RFC 9110)."""
+    stack: Stack = await stack_factory()
+    assert stack.worker is not None
+    await eventually(lambda: _all_healthy(stack))  # /health: 200 for both requests
+    paths = {
+        route.resource.canonical.replace("{name}", "favicon-16x16.png")
+        for route in stack.worker.app.router.routes()
+        if route.method == "GET" and route.resource is not None
+    }
+    assert {
+        "/health",
+        "/status",
+        "/metrics",
+        "/events/stream",
+        "/docs/static/favicon-16x16.png",
+    } <= paths
+    for path in sorted(paths - {"/events/stream"}):
+        url = stack.worker.url + path
+        async with stack.http.get(url, allow_redirects=False) as get:
+            await get.read()
+        async with stack.http.head(url, allow_redirects=False) as head:
+            assert head.status == get.status, path
+            assert head.headers.get("Content-Type") == get.headers.get("Content-Type"), path
+            assert await head.read() == b""
+
+    # The endless stream: its headers at once, then the end of the response (raw, so a body
+    # sent anyway would show). A bad query is the 400 a GET gets.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.worker.port)
+    writer.write(b"HEAD /events/stream HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)  # to the end: the server closes
+    writer.close()
+    headers, _, body = answer.partition(b"\r\n\r\n")
+    assert headers.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in headers
+    assert body == b""
+    async with stack.http.head(stack.worker.url + "/events/stream?last=many") as resp:
+        assert (resp.status, resp.content_type) == (400, "application/json")
+
+    # Other methods: 405, naming both in Allow.
+    async with stack.http.post(stack.worker.url + "/health") as resp:
+        assert resp.status == 405 and resp.content_type == "application/json"
+        assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
+
+
+async def test_a_crash_in_a_handler_is_a_json_500() -> None:
+    """What the middlewares let through (a bug) is answered in JSON by the connection handler."""
+
+    async def crash(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app = web.Application()
+    app.router.add_get("/crash", crash)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: JsonErrorHandler(server, loop=loop), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        url = f"http://127.0.0.1:{port}/crash"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert (resp.status, resp.content_type) == (500, "application/json")
+            body = msgspec.json.decode(await resp.read())
+        assert body == {"error": "Internal Server Error", "status": 500, "detail": None}
+    finally:
+        listener.close()
+        await runner.cleanup()

@@ -14,13 +14,16 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from queue_worker import ops
 from queue_worker.config import Settings
 from queue_worker.devstack.serve import Server, free_port
 from queue_worker.http import metrics
 from queue_worker.http.app import create_app
 from queue_worker.streams import events as ev
+from queue_worker.streams import operate as ops
+from queue_worker.streams.connection import open_redis
 from queue_worker.streams.events import EVENT_TYPES, Entry
+from queue_worker.streams.keys import Keys
+from queue_worker.streams.store import EventStore
 from queue_worker.streams.views import fold
 from tests.harness import Stack, eventually
 
@@ -73,6 +76,9 @@ async def test_metrics_follow_tasks_and_executor_health(stack_factory) -> None:
 
     s: Samples = await eventually(settled)
     assert total(s, "queue_worker_tasks_total", outcome="failed") == 1
+    for name in ("outcome_ids_diverged", "outcome_copies_missing", "index_writes_refused"):
+        assert (f"queue_worker_{name}_total", ()) in s, name  # exported
+        assert total(s, f"queue_worker_{name}_total") == 0, name  # and nothing went missing
     urls = [x.url for x in stack.executors]
     assert sum(total(s, "queue_worker_tasks_total", executor=u) for u in urls) == 7
     assert total(s, "queue_worker_events_appended_total", type="task.pulled") == 7
@@ -167,9 +173,10 @@ def test_ops_commands_have_help_and_fail_clearly_without_redis() -> None:
         ("tail", "--eval-id"),
         ("replay", "--since"),
         ("stream-info", "--json"),
+        ("list", "--state"),
     ):
         assert option in run(command, "--help").stdout
-        result = run(command, env=down)
+        result = run(command, *(("--state", "failed") if command == "list" else ()), env=down)
         assert result.returncode == 1, result
         assert "cannot reach Redis" in result.stderr and "REDIS_URL" in result.stderr
         assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
@@ -204,6 +211,15 @@ async def test_tail_replay_and_stream_info_on_a_live_stream(stack_factory) -> No
 
     await stack.stop_worker()  # a quiet stream from here on
     entries = await stack.entries()
+    # The last entries first, then it follows (nothing more comes: --count ends it).
+    last = await arun(stack, "tail", "--last", "4", "--count", "4", "--json")
+    assert [msgspec.json.decode(x)["id"] for x in last.stdout.splitlines()] == [
+        e.id for e in entries[-4:]
+    ]
+    listed = await arun(stack, "list", "--state", "completed", "--json")
+    assert sorted(msgspec.json.decode(x)["eval_id"] for x in listed.stdout.splitlines()) == ids
+    bad = run("list", "--state", "lost", env=stream_env(stack))
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
     view = msgspec.json.decode((await arun(stack, "replay")).stdout)
     assert view == msgspec.json.decode(msgspec.json.encode(fold(entries)))
     assert view["workers"]["test-worker"]["counters"]["completed"] == 3
@@ -218,9 +234,67 @@ async def test_tail_replay_and_stream_info_on_a_live_stream(stack_factory) -> No
     assert info["length"] == len(entries) == await stack.redis.xlen(stack.store.keys.events)
     assert (info["first"]["id"], info["last"]["id"]) == (entries[0].id, entries[-1].id)
     groups = {g["name"]: g for g in info["groups"]}
-    assert {"publisher", "reporter"} <= set(groups)
+    assert set(groups) == set()  # the publisher and the reporter read the outcome stream
+    outcomes = info["outcomes"]
+    assert outcomes["key"] == stack.store.keys.outcomes
+    assert outcomes["length"] == sum(e.event.type.encode() in ev.OUTCOME_TYPES for e in entries)
+    assert {g["name"] for g in outcomes["groups"]} == {"publisher", "reporter"}
     text = (await arun(stack, "stream-info")).stdout
     assert f"{len(entries)} entries" in text and "publisher" in text
+    assert f"stream {stack.store.keys.outcomes}: {outcomes['length']} entries" in text
+
+
+EVIL = "evil\x1b[2J\x1b[H\n2026-01-01 forged"
+ESCAPED = "evil\\x1b[2J\\x1b[H\\n2026-01-01 forged"
+ERROR = "boom\x1b]0;owned\x07\r\x7f\x9b31m\u2028\u202efake"
+
+
+def controls(text: str) -> set[str]:
+    """The control characters in ``text`` other than the newlines that end lines."""
+    return {
+        c
+        for c in text
+        if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u202e"
+    }
+
+
+async def test_audit_and_tail_escape_control_characters(redis_url: str, prefix: str) -> None:
+    redis = await open_redis(redis_url)
+    store = EventStore(redis, Keys(prefix), "worker\x1b[31m")
+    task = ev.Task(eval_id=EVIL, code="x", language="py\x1b[8m")
+    await store.append(ev.TaskPulled(eval_id=EVIL, pull_id="p", task=task, code_bytes=1))
+    await store.append(
+        ev.TaskFailed(eval_id=EVIL, executor="http://x:1", attempt=1, reason="r", error=ERROR)
+    )
+    await store.append(ev.TaskRejected(pull_id="q", eval_id=EVIL, reason="bad", excerpt=ERROR))
+    await redis.aclose()
+    env = {**os.environ, "REDIS_URL": redis_url, "STREAM_PREFIX": prefix}
+
+    async def cli(*args: str) -> str:
+        result = await asyncio.to_thread(run, *args, env=env)
+        assert result.returncode == 0, result.stderr
+        assert not controls(result.stderr)
+        return result.stdout
+
+    audit = await cli("audit", EVIL)
+    tail = await cli("tail", "--from-start", "--count", "3")
+    for text, lines in ((audit, 4), (tail, 3)):
+        assert not controls(text), controls(text)
+        assert len(text.splitlines()) == lines  # no forged line
+        assert "\\x1b]0;owned\\x07\\r\\x7f\\x9b31m\\u2028\\u202efake" in text
+        assert "worker\\x1b[31m" in text
+    assert audit.splitlines()[0] == f"history of evaluation {ESCAPED} (3 events)"
+    assert all(f"[{ESCAPED}]" in line for line in tail.splitlines())
+
+    as_json = await cli("audit", EVIL, "--json")
+    tailed = await cli("tail", "--from-start", "--count", "3", "--json")
+    for text in (as_json, tailed):
+        assert not controls(text)
+    entries = msgspec.json.decode(as_json)
+    assert [msgspec.json.decode(line) for line in tailed.splitlines()] == entries
+    assert {e["event"]["eval_id"] for e in entries} == {EVIL}
+    assert entries[1]["event"]["error"] == entries[2]["event"]["excerpt"] == ERROR
+    assert entries[0]["worker_id"] == "worker\x1b[31m"
 
 
 def test_tail_filters_and_replay_start() -> None:
@@ -254,7 +328,8 @@ def test_k8s_manifests_parse_and_probe_health() -> None:
     (container,) = pod["spec"]["containers"]
     assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert "tcpSocket" in container["livenessProbe"]  # /health 503s on an executor outage
+    # /health 503s on an executor outage; /health/live only when the process cannot go on.
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
     services = {s["metadata"]["name"]: s["spec"] for s in by_kind["Service"]}
     assert services["executor"]["clusterIP"] == "None"

@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.core.result import Ok
 from schemathesis.errors import FailureGroup
-from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.browser import WINDOW, chromium, looks_drawn, read_png, run_chromium
 from tests.harness import Stack, eventually
@@ -44,14 +43,29 @@ SCHEMATHESIS_CONFIG = {
     ]
 }
 DOCUMENTED = {
-    "/", "/dashboard", "/events/stream", "/health", "/status", "/metrics", "/openapi.json",
-    "/openapi.yaml", "/docs", "/redoc",
+    "/", "/dashboard", "/events/stream", "/health", "/health/live", "/status", "/metrics",
+    "/openapi.json",
+    "/openapi.yaml", "/docs", "/redoc", "/tasks", "/tasks/{eval_id}", "/queue/backlog",
+    "/throughput",
 }  # fmt: skip
+# Every operation: the GETs, and the one POST.
+ADMIN_ACTIONS = {("POST", f"/admin/{a}") for a in ("pause", "resume", "drain", "undrain")} | {
+    ("POST", f"/tasks/{{eval_id}}/{a}") for a in ("cancel", "retry")
+}
+OPERATIONS = {("GET", p) for p in DOCUMENTED} | {("POST", "/events/ticket")} | ADMIN_ACTIONS
+# What needs a token once one is configured (METRICS_PUBLIC unset).
+PROTECTED = {("GET", "/status"), ("GET", "/events/stream"), ("GET", "/metrics"),
+             ("POST", "/events/ticket"), ("GET", "/tasks"),
+             ("GET", "/tasks/{eval_id}"), ("GET", "/queue/backlog"),
+             ("GET", "/throughput")} | ADMIN_ACTIONS  # fmt: skip
+READ_TOKEN = "schemathesis-read-token-0123456789"
 # An endless Server-Sent Events response cannot be fetched whole and validated like the
 # others; tests/test_dashboard.py reads it. Its undeclared methods are still checked here.
 ENDLESS = {"/events/stream"}
 REDIRECTS = {"/"}
-UNDECLARED = {"POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+# Answers 200 only for an eval_id the stream knows: generated ids get the documented 404.
+NEEDS_DATA = {"/tasks/{eval_id}"}
 
 Operation = APIOperation[Any, Any, Any, Any]
 ACase = Case[Any]
@@ -68,6 +82,7 @@ class Run:
     run reports them all."""
 
     base_url: str
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every case
     session: requests.Session = field(default_factory=requests.Session)
     failures: list[str] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)  # first full report per failure code
@@ -77,13 +92,14 @@ class Run:
         response = case.call(
             base_url=self.base_url,
             session=self.session,
+            headers=self.headers or None,
             timeout=REQUEST_TIMEOUT_S,
             allow_redirects=False,
         )
         request = f"{case.method} {case.formatted_path} -> {response.status_code}"
         self.statuses[(case.method, case.path, response.status_code)] += 1
         try:
-            case.validate_response(response, **validate)
+            case.validate_response(response, headers=self.headers or None, **validate)
         except FailureGroup as group:
             for failure in group.exceptions:
                 summary = failure.message.strip().splitlines()[0] if failure.message else ""
@@ -108,14 +124,14 @@ async def live_schema(stack: Stack) -> tuple[schemathesis.BaseSchema, list[Opera
     assert stack.worker is not None
     status, raw = await stack.get_json("/openapi.json")
     assert status == 200
-    assert raw["servers"] == [{"url": stack.worker.url}]
+    assert "servers" not in raw  # schemathesis is given the base URL below
     config = schemathesis.Config.from_dict(SCHEMATHESIS_CONFIG)
     schema = schemathesis.openapi.from_dict(raw, config=config)
     schema.config.update(base_url=stack.worker.url)
     results = list(schema.get_all_operations())
     operations = [result.ok() for result in results if isinstance(result, Ok)]
     assert len(operations) == len(results), results
-    assert {(op.method.upper(), op.path) for op in operations} == {("GET", p) for p in DOCUMENTED}
+    assert {(op.method.upper(), op.path) for op in operations} == OPERATIONS
     return schema, operations
 
 
@@ -170,38 +186,64 @@ def conformance(schema: schemathesis.BaseSchema, operations: list[Operation], ru
 def undeclared_methods(
     schema: schemathesis.BaseSchema, operations: list[Operation], run: Run
 ) -> dict[str, set[str]]:
-    """Every method a path does not document, as the coverage phase sends them, plus HEAD."""
+    """Every method a path does not document, as the coverage phase sends them: a 405 whose
+    ``Allow`` names the documented method and HEAD."""
     sent: dict[str, set[str]] = {}
     for operation in operations:
         methods = sent.setdefault(operation.path, set())
+        allowed = {operation.method.upper()} | (
+            {"HEAD"} if operation.method.upper() == "GET" else set()
+        )
         for case in coverage_cases(schema, operation):
             if case.method.upper() != operation.method.upper():
                 methods.add(case.method.upper())
-                run(case)
-        # HEAD is left out by the coverage phase; a HEAD response has no body to validate.
-        head = schema.make_case(operation=operation, method="HEAD")
-        response = run(head, excluded_checks=[response_schema_conformance])
-        methods.add("HEAD")
-        assert response.status_code == 405, (operation.path, response.status_code)
-        # Names are lower-cased here; a missing Allow is already reported (required in the spec).
-        allow = ",".join(response.headers.get("allow", []))
-        if allow and {m.strip().upper() for m in allow.split(",")} != {operation.method.upper()}:
-            run.fail(f"HEAD {operation.path} -> 405", f"Allow: {allow}, not the documented methods")
+                response = run(case)
+                # Names are lower-cased here; a missing Allow is reported (required).
+                allow = ",".join(response.headers.get("allow", []))
+                if allow and {m.strip().upper() for m in allow.split(",")} != allowed:
+                    request = f"{case.method} {operation.path} -> {response.status_code}"
+                    run.fail(request, f"Allow: {allow}, not {sorted(allowed)}")
     return sent
 
 
+def head_requests(operations: list[Operation], run: Run) -> dict[str, tuple[int, int]]:
+    """HEAD of every documented GET path, which the document leaves implied (RFC 9110): the
+    status a GET gets, and no body. The endless stream's GET is not sent."""
+    statuses = {}
+    for operation in operations:
+        if operation.method.upper() != "GET":
+            continue
+        url = run.base_url + operation.path
+        head = run.session.head(url, timeout=REQUEST_TIMEOUT_S, allow_redirects=False)
+        assert head.content == b"", operation.path
+        if operation.path in ENDLESS:
+            statuses[operation.path] = (head.status_code, 200)
+            continue
+        get = run.session.get(url, timeout=REQUEST_TIMEOUT_S, allow_redirects=False)
+        assert head.headers.get("Content-Type") == get.headers.get("Content-Type")
+        statuses[operation.path] = (head.status_code, get.status_code)
+    return statuses
+
+
 async def test_schemathesis_operations_conform(stack_factory) -> None:
-    """Every documented operation: no 5xx, status, content type, headers and body as documented."""
-    stack: Stack = await stack_factory()
+    """Every documented operation, called with a read token: no 5xx, status, content type,
+    headers and body as documented; the same calls without the token are refused (401)."""
+    stack: Stack = await stack_factory(api_token=(("schemathesis", READ_TOKEN),))
     assert stack.worker is not None
     await eventually(lambda: _health_is(stack, 200))
     schema, operations = await live_schema(stack)
-    run = Run(stack.worker.url)
+    run = Run(stack.worker.url, headers={"Authorization": f"Bearer {READ_TOKEN}"})
     await asyncio.to_thread(conformance, schema, operations, run)
     run.assert_ok()
-    ok = {path for method, path, status in run.statuses if method == "GET" and status == 200}
-    assert ok == DOCUMENTED - ENDLESS - REDIRECTS, run.statuses
+    ok = {(method, path) for method, path, status in run.statuses if status == 200}
+    unfit = ENDLESS | REDIRECTS | NEEDS_DATA
+    # The admin actions answer a read token 403 (tests/test_control.py acts with one).
+    expected = {(m, p) for m, p in OPERATIONS - ADMIN_ACTIONS if p not in unfit}
+    assert ok == expected, run.statuses
     assert all(status == 302 for method, path, status in run.statuses if path in REDIRECTS)
+    stream = schema.raw_schema["paths"]["/events/stream"]["get"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]
+    assert stream["security"] == [{"bearerAuth": []}]
 
     # The documented 503 of /health: no executor left, so the worker cannot make progress.
     for executor in stack.executors:
@@ -215,18 +257,58 @@ async def test_schemathesis_operations_conform(stack_factory) -> None:
     assert {r.status_code for r in responses} == {503}
 
 
+async def test_schemathesis_without_a_token_every_protected_route_is_401(stack_factory) -> None:
+    """With a token configured, every case schemathesis makes for a protected operation
+    (the event stream included: it is refused before it starts) gets the documented JSON 401;
+    the open ones still answer."""
+    stack: Stack = await stack_factory(api_token=(("schemathesis", READ_TOKEN),))
+    assert stack.worker is not None
+    await eventually(lambda: _health_is(stack, 200))
+    schema, operations = await live_schema(stack)
+    run = Run(stack.worker.url)
+
+    def call_all() -> None:
+        for operation in operations:
+            for case in coverage_cases(schema, operation):
+                if case.method.upper() == operation.method.upper():
+                    run(case)
+            fuzz(operation, run)
+
+    await asyncio.to_thread(call_all)
+    run.assert_ok()
+    by_operation: dict[tuple[str, str], set[int]] = {}
+    for method, path, status in run.statuses:
+        by_operation.setdefault((method, path), set()).add(status)
+    assert set(by_operation) == OPERATIONS
+    for operation, statuses in by_operation.items():
+        if operation in PROTECTED:
+            assert statuses == {401}, (operation, statuses)
+        else:
+            assert 401 not in statuses, (operation, statuses)
+
+
 async def test_schemathesis_undeclared_methods(stack_factory) -> None:
-    """Methods a path does not document get the documented 405, with ``Allow`` (RFC 9110)."""
+    """Methods a path does not document get the documented 405, with ``Allow`` (RFC 9110);
+    HEAD answers like GET."""
     stack: Stack = await stack_factory()
     assert stack.worker is not None
+    await eventually(lambda: _health_is(stack, 200))  # the same /health status for HEAD and GET
     schema, operations = await live_schema(stack)
     run = Run(stack.worker.url)
     sent = await asyncio.to_thread(undeclared_methods, schema, operations, run)
-    assert {path: UNDECLARED | {"HEAD"} <= methods for path, methods in sent.items()} == {
-        path: True for path in DOCUMENTED
+    declared = {path: method for method, path in OPERATIONS}
+    assert {path: methods >= METHODS - {declared[path]} for path, methods in sent.items()} == {
+        path: True for path in declared
     }
     assert {status for _, _, status in run.statuses} == {405}, run.statuses
     run.assert_ok()
+    heads = await asyncio.to_thread(head_requests, operations, run)
+    assert set(heads) == DOCUMENTED
+    assert all(head == get for head, get in heads.values()), heads
+    # /tasks needs its state (400), /tasks/{eval_id} a task the stream knows (404).
+    expected = {p: 302 if p in REDIRECTS else 200 for p in heads}
+    expected |= {"/tasks": 400, "/tasks/{eval_id}": 404}
+    assert {p: head for p, (head, _) in heads.items()} == expected, heads
 
 
 async def _health_is(stack: Stack, expected: int) -> bool:

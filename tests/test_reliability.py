@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from queue_worker.devstack.redis import RedisServer
-from queue_worker.router.worker import cap_text, retry_delay_ms
+from queue_worker.router.attempts import cap_text, retry_delay_ms
 from queue_worker.streams import events as ev
 from queue_worker.streams import retention
 from queue_worker.streams.keys import Keys
@@ -210,7 +210,9 @@ async def test_code_above_the_limit_is_rejected(stack_factory) -> None:
 async def test_redis_outage_holds_events_and_resumes(stack_factory, tmp_path) -> None:
     server = RedisServer(directory=str(tmp_path), appendonly=True, appendfsync="always").start()
     try:
-        stack: Stack = await stack_factory(redis=server.url, latency_s=0.3)
+        # No long poll: the point is that no poll starts while Redis is down (a long poll
+        # under way at the outage is the next test's).
+        stack: Stack = await stack_factory(redis=server.url, latency_s=0.3, queue_wait_s=0)
         await stack.enqueue_many(3)
         await eventually(lambda: sum(stack.executor_state(i).in_flight for i in range(3)) == 3)
         server.kill()  # results come back while Redis is down
@@ -229,6 +231,32 @@ async def test_redis_outage_holds_events_and_resumes(stack_factory, tmp_path) ->
         assert types.count("task.pulled") == 4 and types.count("task.dispatched") == 4
         status, health = await stack.get_json("/health")
         assert status == 200 and health["redis"] is True
+    finally:
+        server.close()
+
+
+async def test_a_task_a_long_poll_brings_during_an_outage_waits_for_its_record(
+    stack_factory, tmp_path
+) -> None:
+    """A poll the queue holds open when Redis fails may still bring a task: nothing is done
+    with it (no dispatch) until its task.pulled is recorded, once Redis is back."""
+    server = RedisServer(directory=str(tmp_path), appendonly=True, appendfsync="always").start()
+    try:
+        stack: Stack = await stack_factory(
+            redis=server.url, queue_wait_s=20.0, poll_interval_s=30.0, wake_channel=None
+        )
+        await asyncio.sleep(1.0)  # idle: the queue holds the worker's poll open
+        server.kill()
+        await stack.enqueue("held")
+        await eventually(lambda: stack.queue_state.tasks["held"].status == "running", 10)
+        await asyncio.sleep(0.5)
+        assert sum(stack.executor_state(i).executed for i in range(3)) == 0  # not dispatched
+        server.start()
+        await stack.wait_terminal(1, timeout_s=30)
+        await stack.wait_event("task.reported", eval_id="held", timeout_s=30)
+        types = [e.event.type for e in await stack.entries() if e.event.eval_id_or_empty == "held"]
+        assert types[:3] == ["task.pulled", "executor.selected", "task.dispatched"]
+        assert sum(stack.executor_state(i).executed for i in range(3)) == 1
     finally:
         server.close()
 
@@ -263,6 +291,7 @@ async def test_poison_entry_is_dead_lettered_and_the_rest_flows(
             lambda: redis.xrange(Keys(prefix).dead_letters), timeout_s=20, interval_s=0.05
         )
         assert len(dead) == 1 and dead[0][1][b"deliveries"] == b"4"
+        assert dead[0][1][b"stream"] == Keys(prefix).events.encode()  # where it came from
         assert msgspec.json.decode(dead[0][1][b"data"])["eval_id"] == "poison"
         [last] = await store.append(ok)
         await eventually(lambda: last in flaky.seen)

@@ -33,7 +33,7 @@ from queue_worker.router.discovery import (
     system_resolver,
     url_of,
 )
-from queue_worker.router.worker import Router
+from queue_worker.router.router import Router
 from queue_worker.streams import events as ev
 from queue_worker.streams.keys import Keys
 from queue_worker.streams.store import EventStore
@@ -533,11 +533,11 @@ async def test_fast_path_spends_no_round_robin_turn_on_a_stale_executor(
         task = ev.Task(eval_id="t", code="")
         picks = []
         for _ in range(2):
-            selection = router._select_now(task)
+            selection = await router.selector.choose(task, wait=False)
             assert selection is not None
             picks.append(selection.executor)
         first.last_check_monotonic = time.monotonic()
-        selection = router._select_now(task)
+        selection = await router.selector.choose(task, wait=False)
         assert selection is not None
         picks.append(selection.executor)
         assert picks == [second, third, first]

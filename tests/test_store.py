@@ -7,8 +7,9 @@ import asyncio
 from queue_worker.devstack.redis import RedisServer
 from queue_worker.streams import events as ev
 from queue_worker.streams.connection import open_redis
+from queue_worker.streams.entries import parse_entries
 from queue_worker.streams.keys import Keys
-from queue_worker.streams.store import EventStore, parse_entries
+from queue_worker.streams.store import EventStore
 
 
 def dispatched(eval_id: str, attempt: int) -> ev.TaskDispatched:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from queue_worker.streams import events as ev
 from queue_worker.streams.events import Entry, Task
-from queue_worker.streams.views import StatusView, apply, fold
+from queue_worker.streams.views import DURATIONS_KEPT, StatusView, apply, fold
 
 W = "w1"
 A, B = "http://a", "http://b"
@@ -78,6 +78,18 @@ def test_routed_in_the_last_minute() -> None:
     assert list(view.routed_per_s) == [70]  # older seconds are dropped
 
 
+def test_outcomes_per_second_for_five_minutes_and_durations_per_executor() -> None:
+    es = entries_for("t1", A, True, 0) + entries_for("t2", B, False, 1_000)
+    es += entries_for("t3", A, True, 290_500) + entries_for("t4", A, True, 302_000)
+    view = fold(es)
+    # Seconds more than five minutes older than the newest outcome are dropped.
+    assert view.finished_per_s == {290: [1, 0], 302: [1, 0]}
+    assert fold(es[:12]).finished_per_s == {0: [1, 0], 1: [0, 1]}
+    assert view.durations_ms == {A: [1, 1, 1]}  # task.completed only
+    many = [e for i in range(300) for e in entries_for(f"m{i}", B, True, i)]
+    assert len(fold(many).durations_ms[B]) == DURATIONS_KEPT
+
+
 @given(st.lists(st.tuples(st.booleans(), st.sampled_from([A, B])), max_size=30), st.data())
 def test_folding_in_any_split_gives_the_same_view(tasks, data) -> None:
     es: list[Entry] = []
@@ -89,3 +101,44 @@ def test_folding_in_any_split_gives_the_same_view(tasks, data) -> None:
     assert msgspec.to_builtins(whole) == msgspec.to_builtins(resumed)
     assert msgspec.to_builtins(fold(es)) == msgspec.to_builtins(whole)
     assert isinstance(whole, StatusView)
+
+
+def test_entries_of_a_fenced_generation_after_the_fence_are_ignored() -> None:
+    started = ev.WorkerStarted(version="1", executors=[A], strategy="rr", capacity=1)
+    es = [Entry("1-0", W, 1, started, gen=3), *entries_for("t1", A, True, 10)[:3]]
+    es = [msgspec.structs.replace(e, gen=3) for e in es]
+    fenced = Entry("20-0", "w2", 20, ev.WorkerFenced(owner=W, generation=3), gen=1)
+    late = msgspec.structs.replace(entries_for("t1", A, True, 30)[3], gen=3)
+    restarted = Entry("40-0", W, 40, started, gen=4)
+    view = fold([*es, fenced, late])
+    assert view.ignored == 1 and "t1" in view.in_flight  # the late outcome did not count
+    assert view.workers[W].counters.completed == 0 and not view.workers[W].running
+    apply(view, restarted)
+    assert view.workers[W].running and view.workers[W].generation == 4
+
+
+def test_a_restored_task_is_held_again_and_a_restored_outcome_not_counted_twice() -> None:
+    es = entries_for("t1", A, True, 10)
+    task = Task(eval_id="t1", code="x")
+    restored = ev.TaskRestored(eval_id="t1", task=task, stage="dispatched", executor=A, attempt=1)
+    view = fold([*es[:3], Entry("15-0", W, 15, restored)])
+    held = view.in_flight["t1"]
+    assert (held.stage, held.executor, held.pulled_id) == ("dispatched", A, "15-0")
+    assert view.executors[A].in_flight == 1  # the restored dispatch replaces the first one
+    apply(view, es[3])
+    again = msgspec.structs.replace(es[3].event, restored=True)
+    apply(view, Entry("16-0", W, 16, again))
+    assert view.workers[W].counters.completed == 1 and view.executors[A].completed == 1
+    assert view.executors[A].in_flight == 0 and view.unreported == {"t1": "completed"}
+
+
+def test_pull_closed_and_duplicate_handouts_close_the_open_pull() -> None:
+    view = fold([Entry("1-0", W, 1, ev.PullStarted(pull_id="p1"))])
+    assert view.workers[W].open_pull == "p1"
+    apply(view, Entry("2-0", W, 2, ev.PullClosed(pull_id="p1", reason="shutdown")))
+    assert view.workers[W].open_pull is None
+    apply(view, Entry("3-0", W, 3, ev.PullStarted(pull_id="p2")))
+    dup = ev.TaskDuplicateHandout(eval_id="t", pull_id="p2", holder="w2 1")
+    apply(view, Entry("4-0", W, 4, dup))
+    assert view.workers[W].open_pull is None
+    assert view.workers[W].counters.duplicate_handouts == 1

@@ -1,12 +1,20 @@
-"""Reference Queue Service: an in-memory priority queue behind the queue worker's HTTP contract."""
+"""Reference Queue Service: an in-memory priority queue behind the queue worker's HTTP contract.
+
+Besides the contract it implements the two extensions the worker uses when a queue offers
+them: leases (``GET /tasks/next?lease_s=N``, ``POST /tasks/{id}/renew``) and long polling
+(``GET /tasks/next?wait_s=N`` waits up to N seconds for a task instead of answering ``null``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -17,6 +25,13 @@ TaskStatus = Literal["queued", "running", "completed", "failed"]
 T = TypeVar("T")
 
 _Positive = msgspec.Meta(gt=0)
+# Requests it accepts: large results (POST /complete) and oversized task bodies for tests
+# (POST /_inject); aiohttp's default is 1 MiB.
+CLIENT_MAX_BYTES = 64 << 20
+MAX_LEASE_S = 3600.0
+MAX_WAIT_S = 30.0  # the longest GET /tasks/next?wait_s= (long polling)
+REPORT_HEADERS_KEPT = 16
+LEASE_LOOK_S = 0.25  # a long poll looks for leases that ran out this often
 
 
 class NewTask(msgspec.Struct):
@@ -28,6 +43,12 @@ class NewTask(msgspec.Struct):
     engine: str = "docker"
     timeout: Annotated[int, _Positive] | Annotated[float, _Positive] = 30
     priority: int = 0
+    deadline: Annotated[float, _Positive] | None = None  # unix seconds, handed out as given
+    # Trace context from the gateway, handed out as given (``traceparent`` on the task, or
+    # inside ``metadata``): anything, so tests can hand out hostile values too.
+    traceparent: Any = None
+    tracestate: Any = None
+    metadata: Any = None
 
 
 class CompleteBody(msgspec.Struct):
@@ -60,6 +81,13 @@ class Task:
     pulls: int = 0
     lease_s: float | None = None
     lease_deadline: float | None = None
+    deadline: float | None = None  # the task's own (unix seconds), when it was given one
+    traceparent: Any = None
+    tracestate: Any = None
+    metadata: Any = None
+    # The traceparent header of each report (complete, fail) received, in order (the
+    # first REPORT_HEADERS_KEPT).
+    report_traceparents: list[str | None] = field(default_factory=list)
 
     def payload(self) -> dict[str, Any]:
         """What ``GET /tasks/next`` hands to a worker (``lease_s`` when it holds a lease)."""
@@ -69,9 +97,15 @@ class Task:
             "language": self.language,
             "engine": self.engine,
             "timeout": self.timeout,
+            "priority": self.priority,
         }
+        if self.deadline is not None:
+            body["deadline"] = self.deadline
         if self.lease_s is not None:
             body["lease_s"] = self.lease_s
+        for name in ("traceparent", "tracestate", "metadata"):
+            if getattr(self, name) is not None:
+                body[name] = getattr(self, name)
         return body
 
     def record(self) -> dict[str, Any]:
@@ -84,7 +118,12 @@ class Task:
             "complete_calls": self.complete_calls,
             "fail_calls": self.fail_calls,
             "pulls": self.pulls,
+            "report_traceparents": self.report_traceparents,
         }
+
+    def reported_with(self, traceparent: str | None) -> None:
+        if len(self.report_traceparents) < REPORT_HEADERS_KEPT:
+            self.report_traceparents.append(traceparent)
 
 
 class QueueState:
@@ -100,14 +139,45 @@ class QueueState:
         # Lease deadlines, earliest first; a renewal pushes a new one and the stale
         # entry is skipped when it comes up. Expiry stays O(log N) per pull.
         self._deadlines: list[tuple[float, str]] = []
+        self._arrived = asyncio.Event()  # set (and replaced) when a task is queued
+        self.long_polls = 0  # GET /tasks/next?wait_s= that waited
+
+    def _notify(self) -> None:
+        self._arrived.set()
+        self._arrived = asyncio.Event()
+
+    async def pull_waiting(
+        self, lease_s: float | None, wait_s: float, gone: Callable[[], bool] = lambda: False
+    ) -> Task | None:
+        """:meth:`pull`, waiting up to ``wait_s`` for a task when the queue is empty (a
+        lease that runs out meanwhile is noticed within a quarter second). Nothing is
+        handed out once ``gone()`` says the client went away: it would be stranded."""
+        deadline = time.monotonic() + wait_s
+        waited = False
+        while True:
+            if gone():
+                return None
+            task = self.pull(lease_s)
+            remaining = deadline - time.monotonic()
+            if task is not None or remaining <= 0:
+                self.long_polls += waited
+                return task
+            waited = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, LEASE_LOOK_S))
 
     def enqueue(self, new: NewTask) -> Task:
         """Queue a new task; raises ``KeyError`` if the eval_id is already known."""
         if new.eval_id in self.tasks:
             raise KeyError(new.eval_id)
-        task = Task(new.eval_id, new.code, new.language, new.engine, new.timeout, new.priority)
+        task = Task(
+            new.eval_id, new.code, new.language, new.engine, new.timeout, new.priority,
+            deadline=new.deadline, traceparent=new.traceparent, tracestate=new.tracestate,
+            metadata=new.metadata,
+        )  # fmt: skip
         self.tasks[task.eval_id] = task
         heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
+        self._notify()
         return task
 
     def pull(self, lease_s: float | None = None) -> Task | None:
@@ -145,6 +215,18 @@ class QueueState:
             task.status, task.lease_s, task.lease_deadline = "queued", None, None
             self.lease_expiries += 1
             heapq.heappush(self._heap, (-task.priority, next(self._seq), task.eval_id))
+            self._notify()
+
+    def drop_lease(self, eval_id: str) -> bool:
+        """Let a running task's lease run out now (for tests): it goes back to the queue,
+        and its holder's next renewal answers 404. ``False`` when it holds no lease."""
+        task = self.tasks.get(eval_id)
+        if task is None or task.status != "running" or task.lease_deadline is None:
+            return False
+        task.lease_deadline = time.monotonic() - 1
+        self._watch(task)
+        self.expire_leases()
+        return True
 
     def renew(self, eval_id: str, lease_s: float) -> bool:
         """Extend a running task's lease; ``False`` when it holds none (or is not running)."""
@@ -157,11 +239,15 @@ class QueueState:
         return True
 
     def complete(self, eval_id: str, output: Any) -> bool:
-        """Record a result; ``False`` when the task is unknown or not running."""
+        """Record a result; ``False`` when the task is unknown or finished. A task whose
+        lease ran out (queued again) still takes the result of the run it was leased to."""
         task = self.tasks.get(eval_id)
         if task is not None:
             task.complete_calls += 1
-        if task is None or task.status != "running":
+        handed_out = task is not None and (
+            task.status == "running" or (task.status == "queued" and task.pulls > 0)
+        )
+        if task is None or not handed_out:
             self.duplicate_reports += 1
             return False
         task.status, task.output, task.lease_deadline = "completed", output, None
@@ -234,22 +320,37 @@ async def _next(request: web.Request) -> web.Response:
     lease_s = _lease_s(request)
     if isinstance(lease_s, web.Response):
         return lease_s
-    task = state.pull(lease_s)
+    wait_s = _seconds(request, "wait_s", MAX_WAIT_S)
+    if isinstance(wait_s, web.Response):
+        return wait_s
+    if wait_s:
+
+        def gone() -> bool:
+            return request.transport is None or request.transport.is_closing()
+
+        task = await state.pull_waiting(lease_s, wait_s, gone)
+    else:
+        task = state.pull(lease_s)
     return _json(None if task is None else task.payload())
 
 
-def _lease_s(request: web.Request) -> float | web.Response | None:
-    """The optional ``lease_s`` query value: a number of seconds in (0, 3600]."""
-    raw = request.query.get("lease_s")
+def _seconds(request: web.Request, name: str, most: float) -> float | web.Response | None:
+    """An optional query value of seconds in (0, ``most``]."""
+    raw = request.query.get(name)
     if raw is None:
         return None
     try:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= 3600:
-        return _error(400, "lease_s must be a number of seconds in (0, 3600]")
+    if not 0 < value <= most:
+        return _error(400, f"{name} must be a number of seconds in (0, {most:g}]")
     return value
+
+
+def _lease_s(request: web.Request) -> float | web.Response | None:
+    """The optional ``lease_s`` query value: a number of seconds in (0, 3600]."""
+    return _seconds(request, "lease_s", MAX_LEASE_S)
 
 
 async def _renew(request: web.Request) -> web.Response:
@@ -280,10 +381,18 @@ async def _get(request: web.Request) -> web.Response:
     return _error(404, "Task not found") if task is None else _json(task.record())
 
 
+def _reported_with(request: web.Request) -> None:
+    """Note the report's ``traceparent`` header on its task (for tests)."""
+    task = request.app[QUEUE_STATE].tasks.get(request.match_info["eval_id"])
+    if task is not None:
+        task.reported_with(request.headers.get("traceparent"))
+
+
 async def _complete(request: web.Request) -> web.Response:
     body = await _decode(request, CompleteBody)
     if isinstance(body, web.Response):
         return body
+    _reported_with(request)
     if request.app[QUEUE_STATE].complete(request.match_info["eval_id"], body.output):
         return _json({"status": "completed"})
     return _error(404, "Task not found")
@@ -293,12 +402,19 @@ async def _fail(request: web.Request) -> web.Response:
     body = await _decode(request, FailBody)
     if isinstance(body, web.Response):
         return body
+    _reported_with(request)
     ok = request.app[QUEUE_STATE].fail(request.match_info["eval_id"], body.error)
     return _json({"status": "failed" if ok else "not_found"})
 
 
 async def _stats(request: web.Request) -> web.Response:
     return _json(request.app[QUEUE_STATE].stats())
+
+
+async def _drop_lease(request: web.Request) -> web.Response:
+    if request.app[QUEUE_STATE].drop_lease(request.match_info["eval_id"]):
+        return _json({"status": "expired"})
+    return _error(404, "Task not found or holds no lease")
 
 
 async def _inject(request: web.Request) -> web.Response:
@@ -308,13 +424,14 @@ async def _inject(request: web.Request) -> web.Response:
 
 def create_queue_app(*, api_key: str | None = None) -> web.Application:
     """The Queue Service; with ``api_key`` every ``/tasks*`` call needs ``X-API-Key``."""
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[_auth], client_max_size=CLIENT_MAX_BYTES)
     app[QUEUE_STATE] = QueueState()
     if api_key is not None:
         app[QUEUE_API_KEY] = api_key
     app.router.add_get("/health", _health)
     app.router.add_get("/stats", _stats)
     app.router.add_post("/_inject", _inject)
+    app.router.add_post("/_expire/{eval_id}", _drop_lease)
     app.router.add_get("/tasks/next", _next)
     app.router.add_post("/tasks", _create)
     app.router.add_get("/tasks/{eval_id}", _get)

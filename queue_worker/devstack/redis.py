@@ -6,14 +6,17 @@ ships, so the demo and the tests need nothing but ``pip install``.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from queue_worker.devstack.serve import free_port
@@ -41,8 +44,37 @@ def find_redis_server() -> str:
     return str(path)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def parent_death_signal(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send ``signum`` to the child when its parent dies.
+
+    ``prctl(PR_SET_PDEATHSIG)`` through ctypes; None where it is not available.
+    Linux ties the signal to the *thread* that started the child: start it from a
+    thread that lives as long as the child should (the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before fork, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        if prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)  # the parent died before the signal was set up
+
+    return set_signal
+
+
 class RedisServer:
-    """Start with :meth:`start`, stop with :meth:`stop` (or SIGKILL with :meth:`kill`)."""
+    """Start with :meth:`start`, stop with :meth:`stop` (or SIGKILL with :meth:`kill`).
+
+    ``die_with_parent``: on Linux the server gets SIGTERM when the process that
+    started it dies, even by SIGKILL (see :func:`parent_death_signal`).
+    """
 
     def __init__(
         self,
@@ -52,6 +84,7 @@ class RedisServer:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         cluster: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         self.port = port or (_free_cluster_port() if cluster else free_port())
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="qw-redis-")
@@ -59,6 +92,7 @@ class RedisServer:
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.cluster = cluster
+        self.die_with_parent = die_with_parent
         self.binary = find_redis_server()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -81,7 +115,11 @@ class RedisServer:
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=parent_death_signal() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

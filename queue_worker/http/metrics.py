@@ -10,13 +10,15 @@
   queue polls, pub/sub publishes, executor health and load, the stream's
   length and each consumer group's lag and pending count.
 
-Each app has its own :class:`CollectorRegistry` (never the global default).
+Each app has its own :class:`CollectorRegistry` (never the global default). The route is
+declared in ``ROUTES``, which registers it and is its part of the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,7 +29,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from queue_worker import __version__
-from queue_worker.http.state import PUBLISHER, ROUTER, SETTINGS, STORE
+from queue_worker.http.ops import BACKLOG, QueueBacklog
+from queue_worker.http.state import (
+    LIVENESS,
+    PUBLISHER,
+    ROUTER,
+    SESSION,
+    SETTINGS,
+    SPANS,
+    STORE,
+    SUPERVISOR,
+)
+from queue_worker.openapi.operations import Handler, Response, RouteTable
 from queue_worker.streams import events as ev
 from queue_worker.streams.events import Entry
 
@@ -54,6 +67,12 @@ class MetricsProjector:
             f"{NS}_routing_failures",
             "Failed attempts (retried or final) not due to the executor's verdict, by reason.",
             ["reason"],
+            registry=registry,
+        )
+        self.throttles = Counter(
+            f"{NS}_executor_throttles",
+            "Answers of 429/503 to /execute (executor.throttled), by executor.",
+            ["executor"],
             registry=registry,
         )
         self.events = Counter(
@@ -106,6 +125,8 @@ class MetricsProjector:
                     self.routing_failures.labels(e.reason).inc()
             case ev.TaskRejected():
                 self.tasks.labels("rejected", "none").inc()
+            case ev.ExecutorThrottled():
+                self.throttles.labels(e.executor).inc()
 
 
 class LiveCollector:
@@ -119,15 +140,24 @@ class LiveCollector:
         self.redis_up = False
         self.length: int | None = None
         self.groups: list[dict[str, Any]] = []
+        self.backlog: QueueBacklog | None = None
 
     async def refresh(self) -> None:
+        backlog = self.app.get(BACKLOG)
+        if backlog is not None and SESSION in self.app:
+            self.backlog = await backlog.get()  # cached; never raises
         store = self.app.get(STORE)
         if store is None:
             return
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 self.length = await store.length()
-                self.groups = await store.info_groups()
+                # The publisher's and the reporter's groups read the outcome stream; a
+                # group of the same name left on the main stream (being retired) is not shown.
+                groups = await store.info_groups(store.keys.outcomes)
+                names = {g.get("name") for g in groups}
+                groups += [g for g in await store.info_groups() if g.get("name") not in names]
+                self.groups = groups
             self.redis_up = True
         except (aioredis.RedisError, OSError):
             self.redis_up, self.length, self.groups = False, None, []
@@ -154,6 +184,11 @@ class LiveCollector:
             ):
                 polls.add_metric([result], n)
             yield polls
+            yield CounterMetricFamily(
+                f"{NS}_wakeups",
+                "Submissions announced on WAKE_CHANNEL (each made the worker poll at once).",
+                router.wakeups,
+            )
             healthy = GaugeMetricFamily(
                 f"{NS}_executor_healthy",
                 "1 when the executor's last check passed.",
@@ -174,6 +209,41 @@ class LiveCollector:
             yield CounterMetricFamily(
                 f"{NS}_pubsub_published", "Messages PUBLISHed on evaluation:*.", publisher.published
             )
+        store = app.get(STORE)
+        if store is not None:  # what the append script could not write beside the entries
+            for name, text, value in (
+                ("outcome_ids_diverged", "Outcome copies that took an id of their own (the "
+                 "outcome stream was ahead).", store.outcome_ids_diverged),
+                ("outcome_copies_missing", "Outcomes the outcome stream took no id for (in "
+                 "the main stream only: neither published nor reported).",
+                 store.outcome_copies_missing),
+                ("index_writes_refused", "Task index or retry budget writes Redis refused (a "
+                 "key of another type): entries missing from the task views.",
+                 store.index_writes_refused),
+            ):  # fmt: skip
+                yield CounterMetricFamily(f"{NS}_{name}", text, value)
+        spans = app.get(SPANS)
+        if spans is not None:  # tracing is on
+            yield CounterMetricFamily(
+                f"{NS}_spans_exported", "Spans this worker exported (OTLP).", spans.spans_exported
+            )
+            yield CounterMetricFamily(
+                f"{NS}_span_exports_failed",
+                "Exports of spans that failed (the batch is tried again).",
+                spans.export_errors,
+            )
+        yield from self._health(app)
+        if self.backlog is not None:
+            backlog = GaugeMetricFamily(
+                f"{NS}_queue_backlog",
+                "Tasks waiting in each queue (its GET /stats `queued`), asked at most once per "
+                "2 s; a queue that cannot tell is left out.",
+                labels=["queue"],
+            )
+            for queue in self.backlog.queues:
+                if queue.queued is not None:
+                    backlog.add_metric([queue.url], queue.queued)
+            yield backlog
         if self.length is not None:
             yield GaugeMetricFamily(
                 f"{NS}_stream_length", "Entries in the stream (XLEN).", self.length
@@ -191,8 +261,69 @@ class LiveCollector:
         yield lag
         yield pending
 
+    def _health(self, app: web.Application) -> Iterable[Metric]:
+        """Crashes of the background loops, and what stops the worker from pulling."""
+        supervisor, store, liveness = app.get(SUPERVISOR), app.get(STORE), app.get(LIVENESS)
+        if supervisor is not None:
+            crashes = CounterMetricFamily(
+                f"{NS}_loop_crashes",
+                "Crashes of each background loop since the process started (each restarted, "
+                "unless given up).",
+                labels=["loop"],
+            )
+            for loop, n in sorted(supervisor.crashes.items()):
+                crashes.add_metric([loop], n)
+            yield crashes
+            yield GaugeMetricFamily(
+                f"{NS}_loops_given_up", "Loops that kept failing (the worker is stopping).",
+                len(supervisor.failed),
+            )  # fmt: skip
+        if store is not None:
+            yield GaugeMetricFamily(
+                f"{NS}_redis_writable", "1 while Redis takes this worker's writes.",
+                1 if store.writable and store.reachable else 0,
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                f"{NS}_events_held", "Events waiting for Redis to take them.", store.held
+            )
+        if liveness is not None:
+            yield GaugeMetricFamily(
+                f"{NS}_fenced", "1 while the liveness key is late: no dispatch, no pull.",
+                0 if liveness.ok else 1,
+            )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """What ``GET /metrics`` reads: the live gauges to refresh, then the app's registry."""
+
+    live: LiveCollector
+    expose: Handler
+
 
 METRICS = web.AppKey("metrics", MetricsProjector)
+EXPOSITION = web.AppKey("metrics_exposition", Exposition)
+ROUTES = RouteTable(tag="monitoring")
+
+
+@ROUTES.get(
+    "/metrics",
+    operation_id="getMetrics",
+    summary="Prometheus metrics",
+    description="Counters and histograms folded from the event stream (tasks by outcome and "
+    "executor, routing failures, events by type, task duration, routing overhead) and live "
+    "gauges (executor health and in-flight, queue polls, publishes, stream length, projector "
+    "lag), in the Prometheus text format. Needs a token unless `METRICS_PUBLIC=true`.",
+    access="metrics",
+    responses={
+        200: Response("The metrics.", "text/plain", example="queue_worker_stream_length 42.0\n")
+    },
+)
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """The text exposition format, or OpenMetrics when asked."""
+    exposition = request.app[EXPOSITION]
+    await exposition.live.refresh()
+    return await exposition.expose(request)
 
 
 def register(app: web.Application) -> None:
@@ -204,11 +335,5 @@ def register(app: web.Application) -> None:
     app[METRICS] = MetricsProjector(registry, worker_id=app[SETTINGS].worker_id)
     live = LiveCollector(app)
     registry.register(live)
-    expose = make_aiohttp_handler(registry)
-
-    async def metrics(request: web.Request) -> web.StreamResponse:
-        """Prometheus metrics (text exposition format, or OpenMetrics when asked)."""
-        await live.refresh()
-        return await expose(request)
-
-    app.router.add_get("/metrics", metrics, allow_head=False)
+    app[EXPOSITION] = Exposition(live, make_aiohttp_handler(registry))
+    ROUTES.register(app)

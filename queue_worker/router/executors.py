@@ -10,7 +10,25 @@ Passive ejection: ``EJECT_AFTER_FAILURES`` retryable dispatch failures in a row
 (unreachable, no answer, 5xx) eject the executor for ``EJECT_BASE_S``, doubled
 for each ejection since it last served cleanly for ``EJECT_MAX_S``, capped at
 ``EJECT_MAX_S`` (``executor.ejected``). It rejoins after a passed check once that
-time is over (``executor.rejoined``). The last routable executor is never ejected.
+time is over (``executor.rejoined``). The last healthy executor is never ejected,
+nor more than ``MAX_EJECTION_PERCENT`` of the executors (at least one may be).
+
+Panic (``PANIC_THRESHOLD``): when fewer than that percent of the checked executors are
+healthy and not ejected, every executor is routable (the health verdicts are taken to
+be wrong rather than overload the few that pass); entering and leaving panic are
+``routing.panic_entered`` / ``routing.panic_left``.
+
+Slow start (``SLOW_START_S``): an executor that turns healthy again, rejoins after an
+ejection or is added at runtime is warming up for that long: its :meth:`warmth` ramps
+from 0 to 1, and the selector passes it over with the remaining probability when
+another executor could take the task (see ``selection.py``).
+
+Back-pressure: an executor that answers ``/execute`` with 429 or 503 is cooled
+down for its ``Retry-After`` (``THROTTLE_DEFAULT_S`` without one; between
+``THROTTLE_MIN_S`` and ``THROTTLE_MAX_S``): it stays routable, so tasks wait for it
+rather than fail, but no strategy picks it until the cool-down is over
+(``executor.throttled``). A throttle is not a dispatch failure: it neither ejects
+nor marks the executor unhealthy.
 
 Membership may change at runtime (:meth:`ExecutorPool.sync`, fed by discovery):
 ``executor.added`` / ``executor.removed``. A removed executor gets no new task;
@@ -25,12 +43,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
-import msgspec
-import redis.asyncio as aioredis
 import structlog
 
-from queue_worker.errors import QueueWorkerError
 from queue_worker.router.balancer import Snapshot
+from queue_worker.router.health import probe
 from queue_worker.streams.events import (
     Candidate,
     Event,
@@ -40,8 +56,12 @@ from queue_worker.streams.events import (
     ExecutorHealthChanged,
     ExecutorRejoined,
     ExecutorRemoved,
+    ExecutorThrottled,
+    RoutingPanicEntered,
+    RoutingPanicLeft,
 )
-from queue_worker.streams.store import EventStore
+from queue_worker.streams.store import RECORDING_ERRORS, EventStore
+from queue_worker.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +69,9 @@ LATENCY_EWMA_ALPHA = 0.3  # weight of the newest /execute duration in the moving
 # A latency figure not refreshed for this long is dropped: the executor counts as "no
 # figure" again and gets tried, so one slow spell does not keep it idle for ever.
 LATENCY_STALE_S = 10.0
-RECORDING_ERRORS = (aioredis.RedisError, OSError, QueueWorkerError)
+THROTTLE_DEFAULT_S = 1.0  # the cool-down after a 429/503 without a Retry-After
+THROTTLE_MIN_S = 0.05  # "Retry-After: 0" still spaces the next try out a little
+THROTTLE_MAX_S = 60.0  # a longer Retry-After is capped: health checks still run
 
 
 @dataclass(slots=True)
@@ -80,14 +102,52 @@ class ExecutorState:
     last_ejection_end: float | None = None
     removed: bool = False
     fleet_in_flight: int = 0  # every replica's, from the shared slots (SHARED_CAPACITY)
+    cooled_until: float = 0.0  # monotonic: throttled (429/503) until then
+    throttles: int = 0
+    in_panic: bool = False  # the pool is in panic: routable whatever its health
+    warm_from: float = 0.0  # monotonic: warming up (slow start) from then ...
+    warm_until: float = 0.0  # ... until then
+    warm_on_first_check: bool = False  # added at runtime: its first pass warms it up
+    drained: bool = False  # an operator drained it: no new task (router/control.py)
 
     def __post_init__(self) -> None:
         self.configured_capacity = self.configured_capacity or self.capacity
 
     @property
-    def routable(self) -> bool:
-        """Healthy by its checks and not ejected: a strategy may pick it."""
+    def fit(self) -> bool:
+        """Healthy by its checks, not ejected and still a member."""
         return self.healthy and not self.ejected and not self.removed
+
+    @property
+    def routable(self) -> bool:
+        """Fit, or any member while the pool is in panic: a strategy may pick it."""
+        return self.fit or (self.in_panic and not self.removed)
+
+    def warmth(self, now: float | None = None) -> float:
+        """How far its slow start has come: 1.0 when it is not warming up."""
+        if not self.warm_until:
+            return 1.0
+        now = time.monotonic() if now is None else now
+        if now >= self.warm_until:
+            self.warm_from = self.warm_until = 0.0
+            return 1.0
+        return max(now - self.warm_from, 0.0) / (self.warm_until - self.warm_from)
+
+    def warm_up(self, seconds: float, now: float) -> None:
+        """Start a slow start of ``seconds`` (none when 0)."""
+        if seconds > 0:
+            self.warm_from, self.warm_until = now, now + seconds
+
+    def cooling_s(self, now: float | None = None) -> float:
+        """How long this executor still cools down after a throttle (0: it does not)."""
+        if not self.cooled_until:
+            return 0.0
+        return max(self.cooled_until - (time.monotonic() if now is None else now), 0.0)
+
+    @property
+    def pickable(self) -> bool:
+        """Routable, not drained and not cooling down: a strategy may pick it now."""
+        return self.routable and not self.drained and not self.cooling_s()
 
     def routing_latency_ms(self) -> float | None:
         """The latency EWMA, unless it is older than ``LATENCY_STALE_S``."""
@@ -98,7 +158,7 @@ class ExecutorState:
     def snapshot(self) -> Snapshot:
         return Snapshot(
             url=self.url,
-            healthy=self.routable,
+            healthy=self.pickable,
             in_flight=max(self.in_flight, self.fleet_in_flight),
             capacity=self.capacity,
             latency_ms=self.routing_latency_ms(),
@@ -106,6 +166,8 @@ class ExecutorState:
 
     def candidate(self) -> Candidate:
         ewma = self.routing_latency_ms()
+        cooling = self.cooling_s()
+        warmth = self.warmth()
         return Candidate(
             executor=self.url,
             healthy=self.healthy,
@@ -113,6 +175,9 @@ class ExecutorState:
             capacity=self.capacity,
             latency_ms=None if ewma is None else round(ewma, 1),
             ejected=self.ejected,
+            cooling_s=round(cooling, 3) if cooling else None,
+            warmth=min(round(warmth, 3), 0.999) if warmth < 1 else None,
+            drained=self.drained,
         )
 
     def observe_latency(self, duration_ms: float) -> None:
@@ -132,48 +197,6 @@ def ejection_s(ejections: int, base_s: float, max_s: float) -> float:
     return round(min(base_s * float(1 << doublings), max_s), 3)
 
 
-class _HealthAnswer(msgspec.Struct):
-    status: str
-    capacity: int | None = None
-
-
-_health_decoder = msgspec.json.Decoder(_HealthAnswer)
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """One ``GET /health``: its verdict, why, how long it took and any capacity it announced."""
-
-    healthy: bool
-    reason: str
-    latency_ms: float | None
-    capacity: int | None = None
-
-
-async def probe(session: aiohttp.ClientSession, url: str, timeout_s: float) -> Probe:
-    """``GET <url>/health``."""
-    started = time.perf_counter()
-    try:
-        async with session.get(
-            f"{url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
-        ) as resp:
-            body = await resp.read()
-            latency_ms = (time.perf_counter() - started) * 1000
-            if resp.status != 200:
-                return Probe(False, f"health answered HTTP {resp.status}", latency_ms)
-            try:
-                answer = _health_decoder.decode(body)
-            except msgspec.DecodeError:
-                return Probe(False, 'health answer is not {"status": ...} JSON', latency_ms)
-            if answer.status != "healthy":
-                return Probe(False, f"health status is {answer.status!r}", latency_ms)
-            return Probe(True, "ok", latency_ms, answer.capacity)
-    except TimeoutError:
-        return Probe(False, f"no health answer within {timeout_s:g}s", None)
-    except aiohttp.ClientError as exc:
-        return Probe(False, f"{type(exc).__name__}: {exc}", None)
-
-
 @dataclass
 class ExecutorPool:
     """The executors, their health and their load; ``changed`` wakes waiters."""
@@ -191,10 +214,16 @@ class ExecutorPool:
     eject_base_s: float = 30.0
     eject_max_s: float = 300.0
     learn_capacity: bool = False
+    max_ejection_percent: float = 100.0
+    panic_threshold: float = 0.0
+    slow_start_s: float = 0.0
     executors: list[ExecutorState] = field(init=False)
+    panic: bool = field(init=False, default=False)
+    panic_since: float = field(init=False, default=0.0)  # monotonic
     changed: asyncio.Condition = field(init=False, default_factory=asyncio.Condition)
     _retired: dict[str, ExecutorState] = field(init=False, default_factory=dict)
-    _checkers: dict[str, asyncio.Task[None]] = field(init=False, default_factory=dict)
+    _checkers: set[str] = field(init=False, default_factory=set)  # their loops' names
+    _supervisor: Supervisor | None = field(init=False, default=None)
     _interval_s: float | None = field(init=False, default=None)
     membership: int = field(init=False, default=0)  # bumped by every membership change
 
@@ -205,8 +234,9 @@ class ExecutorPool:
         return ExecutorState(url=url, capacity=self.capacities.get(url, self.capacity))
 
     def healthy_capacity(self) -> int:
-        """Slots on routable executors (healthy and not ejected)."""
-        return sum(x.capacity for x in self.executors if x.routable)
+        """Slots on routable executors (healthy and not ejected, or any in panic) that are
+        not drained: what pulling fills."""
+        return sum(x.capacity for x in self.executors if x.routable and not x.drained)
 
     def any_healthy(self) -> bool:
         return any(x.routable for x in self.executors)
@@ -244,24 +274,13 @@ class ExecutorPool:
         x.last_check_ms = time.time_ns() // 1_000_000
         x.latency_ms = latency_ms
         x.health_reason = reason
-        if healthy:
-            x.passes_in_row, x.fails_in_row = x.passes_in_row + 1, 0
-        else:
-            x.passes_in_row, x.fails_in_row = 0, x.fails_in_row + 1
-        first = not x.checked
-        x.checked = True
         events: list[Event] = []
-        if first:
-            flip = True  # the first check decides at once (and counts as a flip from unknown)
-        elif healthy == x.healthy:
-            flip = False
-        elif healthy:
-            flip = x.passes_in_row >= self.healthy_threshold
-        else:
-            flip = at_once or x.fails_in_row >= self.unhealthy_threshold
-        if flip:
-            checks = 1 if first or at_once else max(x.passes_in_row, x.fails_in_row)
+        warm_on_pass = x.warm_on_first_check or x.checked
+        checks = self._flip(x, healthy, at_once)
+        if checks is not None:
             x.healthy = healthy
+            if healthy and warm_on_pass:
+                x.warm_up(self.slow_start_s, now)
             log.info(
                 "executor_health_changed",
                 executor=x.url,
@@ -279,20 +298,43 @@ class ExecutorPool:
                 )
             )
         if x.ejected and healthy and x.healthy and now >= x.ejected_until:
-            x.ejected = False
-            x.last_ejection_end = now
-            ejected_s = round(now - x.ejected_at, 3)
-            log.info("executor_rejoined", executor=x.url, ejected_s=ejected_s)
-            events.append(
-                ExecutorRejoined(
-                    executor=x.url,
-                    ejected_s=ejected_s,
-                    reason=f"health check passed after the ejection ({reason})",
-                )
-            )
+            events.append(self._rejoin(x, now, reason))
+            x.warm_up(self.slow_start_s, now)
+        if events and (panic := self._panic_change()) is not None:
+            events.append(panic)
         if events:
             await self._append(*events)
             await self.notify()
+
+    def _flip(self, x: ExecutorState, healthy: bool, at_once: bool) -> int | None:
+        """Count a check; when it flips ``x``'s health, how many checks in a row agreed."""
+        if healthy:
+            x.passes_in_row, x.fails_in_row = x.passes_in_row + 1, 0
+        else:
+            x.passes_in_row, x.fails_in_row = 0, x.fails_in_row + 1
+        first, x.checked = not x.checked, True
+        if first:
+            return 1  # the first check decides at once (and counts as a flip from unknown)
+        if healthy == x.healthy:
+            return None
+        if healthy:
+            return x.passes_in_row if x.passes_in_row >= self.healthy_threshold else None
+        if at_once:
+            return 1
+        return x.fails_in_row if x.fails_in_row >= self.unhealthy_threshold else None
+
+    @staticmethod
+    def _rejoin(x: ExecutorState, now: float, reason: str) -> ExecutorRejoined:
+        """``x``'s ejection is over and a check passed: routable again."""
+        x.ejected = False
+        x.last_ejection_end = now
+        ejected_s = round(now - x.ejected_at, 3)
+        log.info("executor_rejoined", executor=x.url, ejected_s=ejected_s)
+        return ExecutorRejoined(
+            executor=x.url,
+            ejected_s=ejected_s,
+            reason=f"health check passed after the ejection ({reason})",
+        )
 
     async def learn(self, x: ExecutorState, capacity: int | None) -> None:
         """Take the capacity an executor announces in its ``/health`` answer."""
@@ -333,8 +375,17 @@ class ExecutorPool:
             or x.dispatch_failures_in_row < self.eject_after_failures
         ):
             return
-        if not any(o.routable for o in self.executors if o is not x):
+        if not any(o.fit for o in self.executors if o is not x):
             log.warning("executor_not_ejected_last", executor=x.url, reason=reason)
+            return
+        if (ejected := sum(o.ejected for o in self.executors)) >= self.max_ejections():
+            log.warning(
+                "executor_not_ejected_max",
+                executor=x.url,
+                ejected=ejected,
+                max_ejection_percent=self.max_ejection_percent,
+                reason=reason,
+            )
             return
         now = time.monotonic()
         if x.last_ejection_end is not None and now - x.last_ejection_end > self.eject_max_s:
@@ -346,16 +397,90 @@ class ExecutorPool:
         log.warning(
             "executor_ejected", executor=x.url, ejection_s=seconds, failures=failures, reason=reason
         )
+        ejection = ExecutorEjected(
+            executor=x.url,
+            consecutive_failures=failures,
+            ejection_s=seconds,
+            ejections=x.ejections,
+            reason=reason,
+        )
+        panic = self._panic_change()
+        await self._append(ejection, *([] if panic is None else [panic]))
+        await self.notify()
+
+    def max_ejections(self) -> int:
+        """How many executors may be ejected at once (``MAX_EJECTION_PERCENT``, at least
+        one unless it is 0)."""
+        if self.max_ejection_percent <= 0:
+            return 0
+        return max(1, int(len(self.executors) * self.max_ejection_percent / 100))
+
+    # --- panic -------------------------------------------------------------------------
+
+    def _panic_change(self) -> Event | None:
+        """Enter or leave panic when the share of fit executors crossed
+        ``PANIC_THRESHOLD``: the event that records it, else ``None``."""
+        checked = [x for x in self.executors if x.checked]
+        fit = sum(x.fit for x in checked)
+        panic = (
+            self.panic_threshold > 0
+            and bool(checked)
+            and fit * 100 < self.panic_threshold * len(checked)
+        )
+        if panic == self.panic:
+            return None
+        self.panic = panic
+        for x in self.executors:
+            x.in_panic = panic
+        now, executors, threshold = time.monotonic(), len(checked), self.panic_threshold
+        if panic:
+            self.panic_since = now
+            log.warning("routing_panic_entered", healthy=fit, executors=executors)
+            return RoutingPanicEntered(
+                healthy=fit, executors=executors, threshold_percent=threshold
+            )
+        lasted_s = round(now - self.panic_since, 3)
+        log.info("routing_panic_left", healthy=fit, executors=executors, lasted_s=lasted_s)
+        return RoutingPanicLeft(
+            healthy=fit, executors=executors, threshold_percent=threshold, lasted_s=lasted_s
+        )
+
+    def panic_why(self) -> str:
+        """What ``executor.selected``'s ``why`` says while in panic ('' when not)."""
+        if not self.panic:
+            return ""
+        checked = [x for x in self.executors if x.checked]
+        return (
+            f"; panic: {sum(x.fit for x in checked)} of {len(checked)} executors healthy, "
+            f"below PANIC_THRESHOLD {self.panic_threshold:g} %: routing across all"
+        )
+
+    # --- back-pressure -----------------------------------------------------------------
+
+    async def throttle(
+        self,
+        x: ExecutorState,
+        eval_id: str,
+        http_status: int | None,
+        retry_after_s: float | None,
+    ) -> float:
+        """``x`` declined ``eval_id`` for now: cool it down (at once, before any await) and
+        record it; the cool-down's length."""
+        asked = THROTTLE_DEFAULT_S if retry_after_s is None else retry_after_s
+        seconds = round(min(max(asked, THROTTLE_MIN_S), THROTTLE_MAX_S), 3)
+        x.cooled_until = max(x.cooled_until, time.monotonic() + seconds)
+        x.throttles += 1
+        log.info("executor_throttled", executor=x.url, eval_id=eval_id, cooldown_s=seconds)
         await self._append(
-            ExecutorEjected(
+            ExecutorThrottled(
                 executor=x.url,
-                consecutive_failures=failures,
-                ejection_s=seconds,
-                ejections=x.ejections,
-                reason=reason,
+                eval_id=eval_id,
+                http_status=http_status,
+                retry_after_s=retry_after_s,
+                cooldown_s=seconds,
             )
         )
-        await self.notify()
+        return seconds
 
     def dispatch_succeeded(self, x: ExecutorState, duration_ms: float) -> None:
         x.dispatch_failures_in_row = 0
@@ -385,6 +510,7 @@ class ExecutorPool:
             x = self._new(url)
         else:
             x.removed, x.checked, x.healthy = False, False, False
+        x.warm_on_first_check, x.in_panic = True, self.panic
         self.executors.append(x)
         self.membership += 1
         log.info("executor_added", executor=url, provider=provider)
@@ -403,20 +529,27 @@ class ExecutorPool:
         x.removed = True
         if x.in_flight:
             self._retired[url] = x
-        checker = self._checkers.pop(url, None)
-        if checker is not None:
-            checker.cancel()
+        await self._stop_checker(url)
         log.info("executor_removed", executor=url, provider=provider, in_flight=x.in_flight)
-        await self._append(ExecutorRemoved(executor=url, provider=provider, in_flight=x.in_flight))
+        removed = ExecutorRemoved(executor=url, provider=provider, in_flight=x.in_flight)
+        panic = self._panic_change()
+        await self._append(removed, *([] if panic is None else [panic]))
         await self.notify()
 
     # --- the monitor ---------------------------------------------------------------
 
     def _start_checker(self, x: ExecutorState, *, first_now: bool = False) -> None:
-        assert self._interval_s is not None
-        self._checkers[x.url] = asyncio.create_task(
-            self._check_forever(x, self._interval_s, first_now), name=f"health-{x.url}"
-        )
+        assert self._interval_s is not None and self._supervisor is not None
+        name = f"health:{x.url}"
+        interval_s = self._interval_s
+        self._checkers.add(name)
+        self._supervisor.start(name, lambda: self._check_forever(x, interval_s, first_now))
+
+    async def _stop_checker(self, url: str) -> None:
+        name = f"health:{url}"
+        if name in self._checkers and self._supervisor is not None:
+            self._checkers.discard(name)
+            await self._supervisor.stop(name)
 
     async def _check_forever(self, x: ExecutorState, interval_s: float, first_now: bool) -> None:
         """Check ``x`` every ``interval_s``, and as soon as an ejection runs out."""
@@ -431,18 +564,15 @@ class ExecutorPool:
             if x.ejected:
                 delay = min(interval_s, max(x.ejected_until - time.monotonic(), 0.0) + 0.001)
 
-    async def monitor(self, interval_s: float) -> None:
-        """Check every executor (one task each, so a hanging check stalls no other)."""
-        self._interval_s = interval_s
+    def start_monitor(self, supervisor: Supervisor, interval_s: float) -> None:
+        """Check every executor, each in a loop of its own under ``supervisor`` (so a
+        hanging check stalls no other, and a crashing one is restarted)."""
+        self._supervisor, self._interval_s = supervisor, interval_s
         for x in self.executors:
-            if x.url not in self._checkers:
+            if f"health:{x.url}" not in self._checkers:
                 self._start_checker(x)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._interval_s = None
-            checkers = list(self._checkers.values())
-            self._checkers.clear()
-            for task in checkers:
-                task.cancel()
-            await asyncio.gather(*checkers, return_exceptions=True)
+
+    async def stop_monitor(self) -> None:
+        self._interval_s = None
+        for name in list(self._checkers):
+            await self._stop_checker(name.removeprefix("health:"))

@@ -1,9 +1,17 @@
 """The event catalogue: frozen, tagged, versioned msgspec Structs. No I/O here.
 
+This module names every event type (``AnyEvent``, ``EVENT_TYPES``) and holds the
+events of pulls and tasks; those about workers and executors are in
+``fleet_events.py``, what they share in ``event_base.py``. Import them from here.
+
 Every state change of the worker is one of these, appended to the stream
 ``{<prefix>}:events`` as flat fields ``type``, ``eval_id``, ``worker_id``,
 ``ts`` (ms) and ``data`` (the msgspec JSON encoding, which repeats ``type``).
 Names are past tense; ``v`` is the schema version of that event type.
+
+Every event of a task carries the task's ``trace_id`` (W3C Trace Context: the trace the
+queue or the gateway started, else one started at the pull), when the worker recording it
+knows it; ``None`` in entries written before it was recorded.
 """
 
 from __future__ import annotations
@@ -12,79 +20,29 @@ from typing import Any, Literal
 
 import msgspec
 
-Outcome = Literal["completed", "failed"]
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    """Base of every stream event."""
-
-    v: int = 1
-
-    @property
-    def type(self) -> str:
-        return str(self.__struct_config__.tag)
-
-    @property
-    def eval_id_or_empty(self) -> str:
-        return str(getattr(self, "eval_id", None) or "")
-
-
-class Task(msgspec.Struct, frozen=True, kw_only=True):
-    """A task as the Queue Service hands it out (``GET /tasks/next``)."""
-
-    eval_id: str
-    code: str
-    language: str = "python"
-    engine: str = "docker"
-    timeout: float | None = None
-    priority: int | None = None
-    lease_s: float | None = None
-    affinity_key: str | None = None
-    session_id: str | None = None
-
-    @property
-    def routing_key(self) -> str:
-        """What the sticky strategy hashes: ``affinity_key``, else ``session_id``, else the id."""
-        return self.affinity_key or self.session_id or self.eval_id
-
-
-class Candidate(msgspec.Struct, frozen=True, kw_only=True):
-    """One executor as the balancer saw it when it chose. ``healthy`` is the health
-    checks' verdict; an ``ejected`` executor is not routed to either. ``latency_ms``
-    is the moving average (EWMA) of its recent ``/execute`` answers, when there were any."""
-
-    executor: str
-    healthy: bool
-    in_flight: int
-    capacity: int
-    latency_ms: float | None = None
-    ejected: bool = False
-
-
-# --- lifecycle -------------------------------------------------------------
-
-
-class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
-    """A worker process started: its version, executors, strategy and capacity.
-
-    ``discovery`` names where the executors come from (``compose``, ``list``, ``dns``);
-    ``queues`` are the queues it pulls from, highest priority first.
-    """
-
-    version: str
-    executors: list[str]
-    strategy: str
-    capacity: int
-    discovery: str = "compose"
-    queues: list[str] = msgspec.field(default_factory=list)
-
-
-class WorkerStopped(Event, frozen=True, kw_only=True, tag="worker.stopped"):
-    """A worker stopped gracefully; ``in_flight`` tasks were left for recovery."""
-
-    reason: str
-    in_flight: int
-
+from queue_worker.streams.event_base import AttemptFailure, Candidate, Event, Outcome, Task
+from queue_worker.streams.fleet_events import (
+    FLEET,
+    CheckpointIgnored,
+    ControlPaused,
+    ControlResumed,
+    ExecutorAdded,
+    ExecutorCapacityChanged,
+    ExecutorDrained,
+    ExecutorEjected,
+    ExecutorHealthChanged,
+    ExecutorRejoined,
+    ExecutorRemoved,
+    ExecutorThrottled,
+    ExecutorUndrained,
+    LoopCrashed,
+    RoutingPanicEntered,
+    RoutingPanicLeft,
+    StreamReset,
+    WorkerFenced,
+    WorkerStarted,
+    WorkerStopped,
+)
 
 # --- pulling ---------------------------------------------------------------
 
@@ -110,6 +68,17 @@ class TaskPulled(Event, frozen=True, kw_only=True, tag="task.pulled"):
     code_bytes: int
     lease_s: float | None = None
     queue: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
+    # Why the task's traceparent was ignored (invalid): a new trace was started instead.
+    trace_ignored: str | None = None
+
+
+class PullClosed(Event, frozen=True, kw_only=True, tag="pull.closed"):
+    """A pull that got no task is closed without one (a clean stop): the queue
+    handed nothing out under ``pull_id``, so recovery has nothing to look for."""
+
+    pull_id: str
+    reason: str
 
 
 class PullInterrupted(Event, frozen=True, kw_only=True, tag="pull.interrupted"):
@@ -134,6 +103,21 @@ class TaskRejected(Event, frozen=True, kw_only=True, tag="task.rejected"):
     reason: str
     excerpt: str
     queue: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
+
+
+class TaskDuplicateHandout(Event, frozen=True, kw_only=True, tag="task.duplicate_handout"):
+    """The queue handed out a task that is already in flight in the fleet (its lease
+    ran out while it still runs, say). It is not executed again: the running attempt's
+    outcome is the one reported. ``holder`` is the worker (and generation) running it.
+    Closes the pull ``pull_id`` like ``task.pulled``."""
+
+    eval_id: str
+    pull_id: str
+    holder: str
+    lease_s: float | None = None
+    queue: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class QueueUnreachable(Event, frozen=True, kw_only=True, tag="queue.unreachable"):
@@ -167,6 +151,7 @@ class ExecutorSelected(Event, frozen=True, kw_only=True, tag="executor.selected"
     candidates: list[Candidate]
     why: str = ""
     key: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
@@ -176,6 +161,7 @@ class TaskDispatched(Event, frozen=True, kw_only=True, tag="task.dispatched"):
     executor: str
     attempt: int
     timeout_s: float
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
@@ -185,6 +171,9 @@ class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
     With ``truncated`` the output in ``result`` was cut to ``MAX_OUTPUT_BYTES``;
     the full result is kept under ``{<prefix>}:result:<eval_id>`` for the
     reporter and the publisher.
+
+    ``restored``: re-recorded after a ``stream.reset`` (the first entry was lost);
+    ``published``: its pub/sub message had gone out before, so it is not sent again.
     """
 
     eval_id: str
@@ -194,20 +183,15 @@ class TaskCompleted(Event, frozen=True, kw_only=True, tag="task.completed"):
     duration_ms: float
     truncated: bool = False
     queue: str | None = None
-
-
-class AttemptFailure(msgspec.Struct, frozen=True, kw_only=True):
-    """One failed attempt of a task."""
-
-    attempt: int
-    executor: str | None
-    reason: str
-    error: str
+    restored: bool = False
+    published: bool = False
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     """Terminal failure. ``reason`` is a stable code, ``error`` the text sent on;
-    ``queue`` is where the task came from (the report goes there)."""
+    ``queue`` is where the task came from (the report goes there). ``restored`` and
+    ``published`` as for ``task.completed``."""
 
     eval_id: str
     executor: str | None = None
@@ -219,6 +203,9 @@ class TaskFailed(Event, frozen=True, kw_only=True, tag="task.failed"):
     truncated: bool = False
     attempts: list[AttemptFailure] = msgspec.field(default_factory=list)
     queue: str | None = None
+    restored: bool = False
+    published: bool = False
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class TaskRetryScheduled(Event, frozen=True, kw_only=True, tag="task.retry_scheduled"):
@@ -230,6 +217,7 @@ class TaskRetryScheduled(Event, frozen=True, kw_only=True, tag="task.retry_sched
     delay_ms: float
     reason: str
     error: str
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class TaskRecovered(Event, frozen=True, kw_only=True, tag="task.recovered"):
@@ -243,6 +231,33 @@ class TaskRecovered(Event, frozen=True, kw_only=True, tag="task.recovered"):
     stage: str
     previous_attempt: int
     owner: str | None = None  # the dead worker it was taken from, on a takeover
+    trace_id: str | None = None  # the task's trace (W3C trace id)
+
+
+class TaskRestored(Event, frozen=True, kw_only=True, tag="task.restored"):
+    """Re-recorded after a ``stream.reset``: a task in flight in this worker whose
+    earlier entries Redis lost. It holds the task, like ``task.pulled``, so that a
+    later recovery can run it again; ``stage``, ``executor`` and ``attempt`` say
+    where it was."""
+
+    eval_id: str
+    task: Task
+    stage: str
+    executor: str | None = None
+    attempt: int = 0
+    lease_s: float | None = None
+    queue: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
+
+
+class TaskLeaseLost(Event, frozen=True, kw_only=True, tag="task.lease_lost"):
+    """Renewing the task's lease answered 404 while the task still runs here: the
+    queue may hand it out again. A second pull of it anywhere in the fleet is then
+    recorded as ``task.duplicate_handout`` and not executed."""
+
+    eval_id: str
+    queue: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 class EntryDeadLettered(Event, frozen=True, kw_only=True, tag="entry.dead_lettered"):
@@ -264,77 +279,79 @@ class TaskReported(Event, frozen=True, kw_only=True, tag="task.reported"):
     outcome: Outcome
     http_status: int
     already: bool = False
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
-class ExecutorHealthChanged(Event, frozen=True, kw_only=True, tag="executor.health_changed"):
-    """An executor flipped between healthy and unhealthy (only flips are appended).
+# --- operators' actions on one task ------------------------------------------
 
-    ``checks`` is how many checks in a row agreed (``HEALTHY_THRESHOLD`` /
-    ``UNHEALTHY_THRESHOLD``); a refused connection on dispatch flips at once.
-    """
 
-    executor: str
-    healthy: bool
+class TaskCancelRequested(Event, frozen=True, kw_only=True, tag="task.cancel_requested"):
+    """An operator asked to cancel a task this fleet holds (``by``: the admin token's name
+    or ``cli:<login>``; ``reason``: why). Any replica may record it; the one holding the
+    task folds it from the stream and acts (``task.cancelled``)."""
+
+    eval_id: str
+    by: str
     reason: str
-    latency_ms: float | None = None
-    checks: int = 1
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
-class ExecutorEjected(Event, frozen=True, kw_only=True, tag="executor.ejected"):
-    """Passive ejection: ``consecutive_failures`` retryable dispatch failures in a row.
+class TaskCancelled(Event, frozen=True, kw_only=True, tag="task.cancelled"):
+    """The worker holding the task cancelled it, at ``stage`` (``waiting``, ``dispatched``,
+    ``retrying``...): it is not dispatched again and ends as ``task.failed`` with reason
+    ``cancelled``. ``executor_cancel`` says what the executor running it answered to
+    ``POST /execute/{eval_id}/cancel``: ``accepted``, ``unsupported`` (404/405: it runs to
+    its end, and its late answer is recorded as ``task.answer_discarded``), ``refused``
+    or ``unreachable`` (with detail); ``None`` when it was not running anywhere."""
 
-    No task is routed to the executor for ``ejection_s`` (``EJECT_BASE_S`` doubled
-    for each earlier ejection in ``ejections``, capped at ``EJECT_MAX_S``); it
-    rejoins after a passed health check once that time is over.
-    """
-
-    executor: str
-    consecutive_failures: int
-    ejection_s: float
-    ejections: int
+    eval_id: str
+    by: str
     reason: str
+    stage: str
+    executor: str | None = None
+    attempt: int = 0
+    executor_cancel: str | None = None
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
-class ExecutorRejoined(Event, frozen=True, kw_only=True, tag="executor.rejoined"):
-    """An ejected executor passed a health check after its ejection time: routable again."""
+class TaskAnswerDiscarded(Event, frozen=True, kw_only=True, tag="task.answer_discarded"):
+    """The answer of an attempt that came after its task was cancelled: not reported,
+    only recorded. ``outcome`` is ``completed`` or the failure's reason code."""
 
+    eval_id: str
     executor: str
-    ejected_s: float
+    attempt: int
+    outcome: str
+    error: str | None = None
+    duration_ms: float = 0.0
+    trace_id: str | None = None  # the task's trace (W3C trace id)
+
+
+class TaskRetryRequested(Event, frozen=True, kw_only=True, tag="task.retry_requested"):
+    """An operator had a finished task run again: the task of its ``task.pulled`` was
+    enqueued at ``queue`` as ``new_eval_id`` (the queue refuses an ``eval_id`` it knows,
+    so a retry is a new evaluation: ``<eval_id>-retry-<n>``)."""
+
+    eval_id: str
+    by: str
     reason: str
-
-
-class ExecutorAdded(Event, frozen=True, kw_only=True, tag="executor.added"):
-    """Discovery found a new executor (``provider``: ``dns``, ``list`` or ``compose``)."""
-
-    executor: str
-    provider: str
-    capacity: int
-
-
-class ExecutorRemoved(Event, frozen=True, kw_only=True, tag="executor.removed"):
-    """Discovery no longer lists the executor. No new task goes there; the
-    ``in_flight`` tasks it still runs finish normally."""
-
-    executor: str
-    provider: str
-    in_flight: int
-
-
-class ExecutorCapacityChanged(Event, frozen=True, kw_only=True, tag="executor.capacity_changed"):
-    """The executor's capacity changed: learned from its ``GET /health`` answer
-    (``LEARN_CAPACITY``); ``previous`` is the capacity used until now."""
-
-    executor: str
-    capacity: int
-    previous: int
-    source: str
+    new_eval_id: str
+    queue: str
+    trace_id: str | None = None  # the task's trace (W3C trace id)
 
 
 AnyEvent = (
     WorkerStarted
     | WorkerStopped
+    | WorkerFenced
+    | LoopCrashed
+    | StreamReset
     | PullStarted
+    | PullClosed
     | PullInterrupted
+    | TaskDuplicateHandout
+    | TaskRestored
+    | TaskLeaseLost
     | TaskRetryScheduled
     | TaskRecovered
     | EntryDeadLettered
@@ -350,17 +367,34 @@ AnyEvent = (
     | ExecutorHealthChanged
     | ExecutorEjected
     | ExecutorRejoined
+    | ExecutorThrottled
     | ExecutorAdded
     | ExecutorRemoved
     | ExecutorCapacityChanged
+    | RoutingPanicEntered
+    | RoutingPanicLeft
+    | ControlPaused
+    | ControlResumed
+    | ExecutorDrained
+    | ExecutorUndrained
+    | CheckpointIgnored
+    | TaskCancelRequested
+    | TaskCancelled
+    | TaskAnswerDiscarded
+    | TaskRetryRequested
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     WorkerStarted,
     WorkerStopped,
+    WorkerFenced,
+    LoopCrashed,
+    StreamReset,
     PullStarted,
+    PullClosed,
     PullInterrupted,
     TaskPulled,
+    TaskDuplicateHandout,
     TaskRejected,
     QueueUnreachable,
     QueueRecovered,
@@ -370,26 +404,44 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TaskFailed,
     TaskRetryScheduled,
     TaskRecovered,
+    TaskRestored,
+    TaskLeaseLost,
     TaskReported,
     ExecutorHealthChanged,
     ExecutorEjected,
     ExecutorRejoined,
+    ExecutorThrottled,
     ExecutorAdded,
     ExecutorRemoved,
     ExecutorCapacityChanged,
+    RoutingPanicEntered,
+    RoutingPanicLeft,
+    ControlPaused,
+    ControlResumed,
+    ExecutorDrained,
+    ExecutorUndrained,
+    CheckpointIgnored,
+    TaskCancelRequested,
+    TaskCancelled,
+    TaskAnswerDiscarded,
+    TaskRetryRequested,
     EntryDeadLettered,
 )
 
 TERMINAL_TYPES = frozenset({"task.completed", "task.failed"})
+# The entries that carry an outcome to tell the platform (as the stream's ``type`` field).
+OUTCOME_TYPES = frozenset({b"task.completed", b"task.failed", b"task.rejected"})
 
 
 class Entry(msgspec.Struct, frozen=True):
-    """One stream entry: its id, who wrote it, when, and the event."""
+    """One stream entry: its id, who wrote it (worker and its generation), when, and
+    the event."""
 
     id: str
     worker_id: str
     ts: int
     event: AnyEvent
+    gen: int = 0
 
 
 _encoder = msgspec.json.Encoder()
@@ -408,3 +460,61 @@ def decode_event(data: bytes | str) -> AnyEvent:
 
 def event_type_names() -> list[str]:
     return [str(cls.__struct_config__.tag) for cls in EVENT_TYPES]
+
+
+__all__ = [
+    "FLEET",
+    "OUTCOME_TYPES",
+    "TERMINAL_TYPES",
+    "AnyEvent",
+    "AttemptFailure",
+    "Candidate",
+    "CheckpointIgnored",
+    "ControlPaused",
+    "ControlResumed",
+    "Entry",
+    "EntryDeadLettered",
+    "Event",
+    "ExecutorAdded",
+    "ExecutorCapacityChanged",
+    "ExecutorDrained",
+    "ExecutorEjected",
+    "ExecutorHealthChanged",
+    "ExecutorRejoined",
+    "ExecutorRemoved",
+    "ExecutorSelected",
+    "ExecutorThrottled",
+    "ExecutorUndrained",
+    "LoopCrashed",
+    "Outcome",
+    "PullClosed",
+    "PullInterrupted",
+    "PullStarted",
+    "QueueRecovered",
+    "QueueUnreachable",
+    "RoutingPanicEntered",
+    "RoutingPanicLeft",
+    "StreamReset",
+    "Task",
+    "TaskAnswerDiscarded",
+    "TaskCancelRequested",
+    "TaskCancelled",
+    "TaskCompleted",
+    "TaskDispatched",
+    "TaskDuplicateHandout",
+    "TaskFailed",
+    "TaskLeaseLost",
+    "TaskPulled",
+    "TaskRecovered",
+    "TaskRejected",
+    "TaskReported",
+    "TaskRestored",
+    "TaskRetryRequested",
+    "TaskRetryScheduled",
+    "WorkerFenced",
+    "WorkerStarted",
+    "WorkerStopped",
+    "decode_event",
+    "encode_event",
+    "event_type_names",
+]

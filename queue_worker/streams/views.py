@@ -11,9 +11,12 @@ from __future__ import annotations
 import msgspec
 
 from queue_worker.streams import events as ev
+from queue_worker.streams.entries import id_key
 from queue_worker.streams.events import Entry
 
 ROUTED_WINDOW_MS = 60_000
+FINISHED_WINDOW_MS = 300_000  # outcomes per second are kept this long (the dashboard's chart)
+DURATIONS_KEPT = 256  # the latest task.completed durations kept per executor
 
 
 class Counters(msgspec.Struct):
@@ -28,6 +31,10 @@ class Counters(msgspec.Struct):
     recovered: int = 0
     pulls_interrupted: int = 0
     dead_lettered: int = 0
+    duplicate_handouts: int = 0
+    leases_lost: int = 0
+    loop_crashes: int = 0
+    stream_resets: int = 0
 
 
 class QueueView(msgspec.Struct):
@@ -48,6 +55,8 @@ class WorkerView(msgspec.Struct):
     queue_reachable: bool = True  # every queue (QUEUE_SERVICE_URLS) is reachable
     queue_consecutive_errors: int = 0  # the most of any queue
     queues: dict[str, QueueView] = msgspec.field(default_factory=dict)  # "" is QUEUE_SERVICE_URL
+    generation: int = 0  # the newest generation seen on its entries
+    fenced_generation: int | None = None  # taken over up to this generation
 
 
 class ExecutorView(msgspec.Struct):
@@ -63,6 +72,17 @@ class ExecutorView(msgspec.Struct):
     ejections: int = 0
     removed: bool = False
     capacity: int | None = None
+    throttles: int = 0
+    cooling_until_ts: int | None = None
+
+
+class PauseView(msgspec.Struct):
+    """A pause in force (``control.paused``) or a drain (``executor.drained``)."""
+
+    by: str
+    reason: str
+    since_ts: int
+    entry_id: str
 
 
 class TaskView(msgspec.Struct):
@@ -87,11 +107,49 @@ class StatusView(msgspec.Struct):
     in_flight: dict[str, TaskView] = msgspec.field(default_factory=dict)
     unreported: dict[str, str] = msgspec.field(default_factory=dict)
     routed_per_s: dict[int, int] = msgspec.field(default_factory=dict)
+    ignored: int = 0  # entries of a fenced generation written after its fence
+    paused: dict[str, PauseView] = msgspec.field(default_factory=dict)  # by scope
+    drained: dict[str, PauseView] = msgspec.field(default_factory=dict)  # by executor
+    # Cancels asked for tasks in flight (``task.cancel_requested``), until the task ends:
+    # the worker holding one acts on it.
+    cancels: dict[str, PauseView] = msgspec.field(default_factory=dict)  # by eval_id
+    # What the dashboard charts. A checkpoint saved before these two existed fills them
+    # empty: the history starts again from the entries after it, no counter is affected.
+    # second -> [completed, failed] over the last FINISHED_WINDOW_MS (of the entries' times)
+    finished_per_s: dict[int, list[int]] = msgspec.field(default_factory=dict)
+    # executor -> the duration_ms of its latest DURATIONS_KEPT task.completed, oldest first
+    durations_ms: dict[str, list[float]] = msgspec.field(default_factory=dict)
+
+    def acknowledged(self, eval_id: str, entry_id: str) -> bool:
+        """Whether the queue acknowledged the outcome ``entry_id`` of ``eval_id``: it is
+        folded into this view and the task is no longer unreported (a stream reset never
+        re-records such an outcome)."""
+        folded = id_key(self.last_id or "0-0")
+        return id_key(entry_id) <= folded and eval_id not in self.unreported
 
     def routed_since(self, since_ms: int) -> int:
         """Tasks dispatched from ``since_ms`` on (to the second; the last minute is kept)."""
         first = since_ms // 1000
         return sum(n for second, n in self.routed_per_s.items() if second >= first)
+
+
+def _count_finished(view: StatusView, ts: int, column: int) -> None:
+    """One outcome in its second; seconds older than the window are dropped."""
+    second = ts // 1000
+    counts = view.finished_per_s.get(second)
+    if counts is None:
+        horizon = (ts - FINISHED_WINDOW_MS) // 1000
+        for old in [s for s in view.finished_per_s if s < horizon]:
+            del view.finished_per_s[old]
+        counts = view.finished_per_s[second] = [0, 0]
+    counts[column] += 1
+
+
+def _keep_duration(view: StatusView, executor: str, duration_ms: float) -> None:
+    kept = view.durations_ms.setdefault(executor, [])
+    kept.append(duration_ms)
+    if len(kept) > DURATIONS_KEPT:
+        del kept[: len(kept) - DURATIONS_KEPT]
 
 
 def _worker(view: StatusView, worker_id: str) -> WorkerView:
@@ -120,6 +178,17 @@ def _queues_summary(w: WorkerView) -> None:
     w.queue_consecutive_errors = max((q.consecutive_errors for q in w.queues.values()), default=0)
 
 
+def _held(entry: Entry, e: ev.TaskPulled | ev.TaskRestored) -> TaskView:
+    """A task held from ``entry`` on (its ``task.pulled``, or its ``task.restored``)."""
+    return TaskView(
+        worker_id=entry.worker_id,
+        pulled_ts=entry.ts,
+        pulled_id=entry.id,
+        leased=e.lease_s is not None,
+        queue=e.queue,
+    )
+
+
 def _end_attempt(view: StatusView, task: TaskView | None) -> None:
     if task is not None and task.executor is not None and task.stage == "dispatched":
         _executor(view, task.executor).in_flight -= 1
@@ -127,6 +196,8 @@ def _end_attempt(view: StatusView, task: TaskView | None) -> None:
 
 def _finish(view: StatusView, eval_id: str, outcome: str) -> None:
     _end_attempt(view, view.in_flight.pop(eval_id, None))
+    if view.cancels:
+        view.cancels.pop(eval_id, None)
     view.unreported[eval_id] = outcome
 
 
@@ -134,9 +205,13 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
     """Fold one entry into ``view`` and return it."""
     e = entry.event
     view.last_id = entry.id
+    w = _worker(view, entry.worker_id)
+    if w.fenced_generation is not None and entry.gen <= w.fenced_generation:
+        view.ignored += 1  # written by a worker after a peer took it over: void
+        return view
     view.events += 1
     view.by_type[e.type] = view.by_type.get(e.type, 0) + 1
-    w = _worker(view, entry.worker_id)
+    w.generation = max(w.generation, entry.gen)
     c = w.counters
     match e:
         case ev.WorkerStarted():
@@ -147,16 +222,16 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             w.stopped_ts, w.running = entry.ts, False
         case ev.PullStarted():
             w.open_pull = e.pull_id
+        case ev.PullClosed() | ev.TaskDuplicateHandout() if w.open_pull == e.pull_id:
+            w.open_pull = None
+            if isinstance(e, ev.TaskDuplicateHandout):
+                c.duplicate_handouts += 1
+        case ev.TaskDuplicateHandout():
+            c.duplicate_handouts += 1
         case ev.TaskPulled():
             c.pulled += 1
             w.open_pull = None
-            view.in_flight[e.eval_id] = TaskView(
-                worker_id=entry.worker_id,
-                pulled_ts=entry.ts,
-                pulled_id=entry.id,
-                leased=e.lease_s is not None,
-                queue=e.queue,
-            )
+            view.in_flight[e.eval_id] = _held(entry, e)
         case ev.PullInterrupted():
             c.pulls_interrupted += 1
             owner = _worker(view, e.owner) if e.owner else w
@@ -196,13 +271,18 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
                     del view.routed_per_s[old]
             view.routed_per_s[second] = view.routed_per_s.get(second, 0) + 1
         case ev.TaskCompleted():
-            c.completed += 1
-            _executor(view, e.executor).completed += 1
+            if not e.restored:  # a re-recorded outcome was counted when first recorded
+                c.completed += 1
+                _executor(view, e.executor).completed += 1
+                _count_finished(view, entry.ts, 0)
+                _keep_duration(view, e.executor, e.duration_ms)
             _finish(view, e.eval_id, "completed")
         case ev.TaskFailed():
-            c.failed += 1
-            if e.executor is not None:
-                _executor(view, e.executor).failed += 1
+            if not e.restored:
+                c.failed += 1
+                if e.executor is not None:
+                    _executor(view, e.executor).failed += 1
+                _count_finished(view, entry.ts, 1)
             _finish(view, e.eval_id, "failed")
         case ev.TaskRetryScheduled():
             c.retries += 1
@@ -215,9 +295,29 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             task = view.in_flight.get(e.eval_id)
             if e.action == "lease_lost":
                 _end_attempt(view, view.in_flight.pop(e.eval_id, None))
+                view.cancels.pop(e.eval_id, None)
             elif task is not None:
                 _end_attempt(view, task)
                 task.stage, task.worker_id = "recovered", entry.worker_id
+        case ev.TaskRestored():
+            _end_attempt(view, view.in_flight.get(e.eval_id))
+            held = view.in_flight[e.eval_id] = _held(entry, e)
+            held.stage, held.executor, held.attempt = e.stage, e.executor, e.attempt
+            if e.stage == "dispatched" and e.executor is not None:
+                _executor(view, e.executor).in_flight += 1
+        case ev.TaskLeaseLost():
+            c.leases_lost += 1
+            task = view.in_flight.get(e.eval_id)
+            if task is not None:
+                task.leased = False
+        case ev.WorkerFenced():
+            owner = _worker(view, e.owner)
+            owner.running = False
+            owner.fenced_generation = max(owner.fenced_generation or 0, e.generation)
+        case ev.LoopCrashed():
+            c.loop_crashes += 1
+        case ev.StreamReset():
+            c.stream_resets += 1
         case ev.EntryDeadLettered():
             c.dead_lettered += 1
         case ev.TaskReported():
@@ -230,6 +330,14 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             x = _executor(view, e.executor)
             x.ejected, x.ejections = True, x.ejections + 1
             x.ejected_until_ts = entry.ts + round(e.ejection_s * 1000)
+        case ev.ExecutorThrottled():
+            x = _executor(view, e.executor)
+            x.throttles += 1
+            x.cooling_until_ts = entry.ts + round(e.cooldown_s * 1000)
+            task = view.in_flight.get(e.eval_id)
+            _end_attempt(view, task)  # not run there: routed again, same attempt
+            if task is not None:
+                task.stage = "throttled"
         case ev.ExecutorRejoined():
             x = _executor(view, e.executor)
             x.ejected, x.ejected_until_ts = False, None
@@ -240,6 +348,17 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
             _executor(view, e.executor).removed = True
         case ev.ExecutorCapacityChanged():
             _executor(view, e.executor).capacity = e.capacity
+        case ev.ControlPaused():
+            view.paused[e.scope] = PauseView(e.by, e.reason, entry.ts, entry.id)
+        case ev.ControlResumed():
+            view.paused.pop(e.scope, None)
+        case ev.ExecutorDrained():
+            view.drained[e.executor] = PauseView(e.by, e.reason, entry.ts, entry.id)
+        case ev.ExecutorUndrained():
+            view.drained.pop(e.executor, None)
+        case ev.TaskCancelRequested() if e.eval_id in view.in_flight:
+            if e.eval_id not in view.cancels:  # the first request stands
+                view.cancels[e.eval_id] = PauseView(e.by, e.reason, entry.ts, entry.id)
     return view
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from queue_worker.openapi.spec import build_spec, dump_json, dump_yaml
 
+def show(args: argparse.Namespace) -> int:
+    from queue_worker.http.docs import build_spec
+    from queue_worker.openapi.spec import dump_json, dump_yaml
 
-def cmd_openapi(args: argparse.Namespace) -> int:
     spec = build_spec(server_url=args.server_url)
     sys.stdout.write(dump_yaml(spec) if args.yaml else dump_json(spec))
     return 0
@@ -24,4 +25,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--yaml", action="store_true", help="print YAML instead of JSON")
     parser.add_argument("--server-url", metavar="URL", help="list URL as the API's server")
-    parser.set_defaults(func=cmd_openapi)
+    parser.set_defaults(func=show)

@@ -1,13 +1,15 @@
-"""Operator commands on the event stream: ``tail``, ``replay``, ``stream-info``.
+"""What the operator commands on the event stream do: ``audit``, ``tail``, ``replay``,
+``stream-info`` (their options are in ``queue_worker/commands/stream.py``).
 
 Each reads ``REDIS_URL`` and ``STREAM_PREFIX`` and fails with one line (exit 1)
-when Redis cannot be reached.
+when Redis cannot be reached or its ACL user lacks a permission they need. What
+they print comes from the stream, written by others: control characters are
+escaped (``printable``, ``json_printable``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fnmatch
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -17,13 +19,20 @@ from datetime import UTC, datetime
 import msgspec
 import redis.asyncio as aioredis
 
-from queue_worker.config import Settings
 from queue_worker.errors import QueueWorkerError
-from queue_worker.streams.audit import format_history, history, history_json
-from queue_worker.streams.connection import open_redis
-from queue_worker.streams.events import Entry
+from queue_worker.streams.audit import (
+    format_history,
+    history,
+    history_json,
+    json_printable,
+    printable,
+)
+from queue_worker.streams.connection import NO_TLS, RedisDenied, RedisTls, connect, denied
+from queue_worker.streams.entries import RawEntry, parse_entry
+from queue_worker.streams.events import Entry, Event
+from queue_worker.streams.index import TaskIndex
 from queue_worker.streams.keys import Keys
-from queue_worker.streams.store import EventStore, RawEntry, parse_entry
+from queue_worker.streams.store import EventStore
 from queue_worker.streams.views import fold
 
 _encode = msgspec.json.Encoder().encode
@@ -39,22 +48,37 @@ def _id_ms(entry_id: str) -> int:
 
 
 def _emit(data: object) -> None:
-    sys.stdout.write(_encode(data).decode() + "\n")
+    sys.stdout.write(json_printable(_encode(data)).decode() + "\n")
     sys.stdout.flush()
 
 
-async def _with_store(work: Callable[[EventStore], Awaitable[int]]) -> int:
-    settings = Settings.from_env()
+async def with_store(
+    redis_url: str,
+    shown_url: str,
+    prefix: str,
+    work: Callable[[EventStore], Awaitable[int]],
+    tls: RedisTls = NO_TLS,
+) -> int:
+    """Run ``work`` on the store of the stream ``{<prefix>}:events`` at ``redis_url``."""
+    redis = await connect(redis_url, shown_url, tls=tls)
     try:
-        redis = await open_redis(settings.redis_url)
-        try:
-            return await work(EventStore(redis, Keys(settings.stream_prefix), settings.worker_id))
-        finally:
-            await redis.aclose()
-    except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
-        raise QueueWorkerError(
-            f"cannot reach Redis at {settings.redacted_redis_url()} (REDIS_URL): {exc}"
-        ) from exc
+        return await work(EventStore(redis, Keys(prefix), "operator"))
+    except aioredis.ResponseError as exc:
+        if denied(exc):
+            raise RedisDenied(shown_url, exc) from None
+        raise
+    finally:
+        await redis.aclose()
+
+
+# --- operator actions ------------------------------------------------------------------------
+
+
+async def record_action(store: EventStore, event: Event) -> int:
+    """Append an operator's action (``pause``, ``drain``, ...) and say where it went."""
+    [entry_id] = await store.append(event)
+    print(f"{entry_id} {event.type} {printable(str(msgspec.to_builtins(event)))}")
+    return 0
 
 
 # --- tail ------------------------------------------------------------------------------------
@@ -71,7 +95,8 @@ def matches(entry: Entry, types: list[str], executor: str | None, eval_id: str |
 
 
 def describe(entry: Entry) -> str:
-    """One readable line: time, id, type, worker, eval_id and the event's scalar fields."""
+    """One line for a terminal: time, id, type, worker, eval_id and the event's scalar
+    fields, control characters escaped."""
     e = entry.event
     fields = " ".join(
         f"{name}={round(value, 3) if isinstance(value, float) else value}"
@@ -79,17 +104,27 @@ def describe(entry: Entry) -> str:
         if name not in ("v", "eval_id") and isinstance(value, SCALARS)
     )
     eval_id = f" [{e.eval_id_or_empty}]" if e.eval_id_or_empty else ""
-    return f"{_when(entry.ts)} {entry.id:<17} {e.type:<24} {entry.worker_id}{eval_id} {fields}"
+    return printable(
+        f"{_when(entry.ts)} {entry.id:<17} {e.type:<24} {entry.worker_id}{eval_id} {fields}"
+    )
 
 
 async def follow(
-    store: EventStore, *, from_start: bool = False, block_ms: int = 1000
+    store: EventStore, *, from_start: bool = False, last_n: int = 0, block_ms: int = 1000
 ) -> AsyncGenerator[Entry, None]:
-    """Every entry appended from now on (or from the start), forever (XREAD BLOCK)."""
+    """Every entry appended from now on (or from the start, or the ``last_n`` newest
+    first), forever (XREAD BLOCK)."""
     last = "0-0"
     if not from_start:
-        newest: list[RawEntry] = await store.redis.xrevrange(store.keys.events, count=1)
+        newest: list[RawEntry] = await store.redis.xrevrange(
+            store.keys.events, count=max(last_n, 1)
+        )
         last = newest[0][0].decode() if newest else "0-0"
+        if last_n:
+            for raw in reversed(newest):
+                entry = parse_entry(raw)
+                if entry is not None:
+                    yield entry
     while True:
         resp = await store.redis.xread({store.keys.events: last}, count=256, block=block_ms)
         for _stream, raws in resp or []:
@@ -100,10 +135,12 @@ async def follow(
                     yield entry
 
 
-async def _tail(args: argparse.Namespace, store: EventStore) -> int:
-    print(f"following {store.keys.events} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+async def tail(args: argparse.Namespace, store: EventStore) -> int:
+    following = printable(f"following {store.keys.events} (Ctrl+C to stop)")
+    print(following, file=sys.stderr, flush=True)
     seen = 0
-    async with aclosing(follow(store, from_start=args.from_start)) as entries:
+    last_n = args.last or 0
+    async with aclosing(follow(store, from_start=args.from_start, last_n=last_n)) as entries:
         async for entry in entries:
             if not matches(entry, args.type or [], args.executor, args.eval_id):
                 continue
@@ -114,6 +151,25 @@ async def _tail(args: argparse.Namespace, store: EventStore) -> int:
             seen += 1
             if args.count is not None and seen >= args.count:
                 break
+    return 0
+
+
+# --- list ------------------------------------------------------------------------------------
+
+
+async def list_tasks(args: argparse.Namespace, store: EventStore) -> int:
+    """The tasks in one state from the task index, latest first (``queue-worker list``)."""
+    index = TaskIndex(store.redis, store.keys)
+    since_ms = int(start_id(None, args.since).split("-")[0]) if args.since else 0
+    rows, _ = await index.page(
+        args.state, since_ms=since_ms, limit=args.limit, executor=args.executor
+    )
+    for row in rows:
+        if args.json:
+            _emit(row)
+        else:
+            when = _when(row.since_ms) if row.since_ms is not None else "-"
+            print(printable(f"{when}  {row.state:<9}  {row.eval_id}  {row.executor or '-'}"))
     return 0
 
 
@@ -135,13 +191,16 @@ def start_id(from_id: str | None, since: str | None) -> str:
     return "-"
 
 
-async def _replay(args: argparse.Namespace, store: EventStore) -> int:
+async def replay(args: argparse.Namespace, store: EventStore) -> int:
     start = start_id(args.from_id, args.since)
     try:
         view = fold([e async for e in store.read_range(start)])
     except aioredis.ResponseError as exc:
+        if denied(exc):
+            raise
         raise QueueWorkerError(f"--from: not a stream id: {start!r} ({exc})") from exc
-    sys.stdout.write(msgspec.json.format(_encode(view), indent=2).decode() + "\n")
+    text = json_printable(msgspec.json.format(_encode(view), indent=2))
+    sys.stdout.write(text.decode() + "\n")
     return 0
 
 
@@ -168,11 +227,13 @@ class StreamInfo(msgspec.Struct, frozen=True):
     first: EntryRef | None
     last: EntryRef | None
     groups: list[GroupInfo]
+    # The outcome stream (the publisher's and the reporter's groups read it); only on
+    # the main stream's.
+    outcomes: StreamInfo | None = None
 
 
-async def stream_info(store: EventStore) -> StreamInfo:
-    key = store.keys.events
-    length = await store.length()
+async def _one_stream(store: EventStore, key: str) -> StreamInfo:
+    length: int = await store.redis.xlen(key)
     ends: list[EntryRef | None] = []
     for read in (store.redis.xrange, store.redis.xrevrange):
         raws: list[RawEntry] = await read(key, count=1)
@@ -186,15 +247,22 @@ async def stream_info(store: EventStore) -> StreamInfo:
             lag=None if g.get("lag") is None else int(g["lag"]),
             last_delivered_id=str(g.get("last-delivered-id", "")),
         )
-        for g in await store.info_groups()
+        for g in await store.info_groups(key)
     ]
     exists = bool(await store.redis.exists(key))
     return StreamInfo(key, exists, length, ends[0], ends[1], groups)
 
 
-def format_info(info: StreamInfo) -> str:
+async def stream_info(store: EventStore) -> StreamInfo:
+    """The main stream's length, ends and groups, and the outcome stream's."""
+    main = await _one_stream(store, store.keys.events)
+    outcomes = await _one_stream(store, store.keys.outcomes)
+    return msgspec.structs.replace(main, outcomes=outcomes)
+
+
+def _format_one(info: StreamInfo) -> list[str]:
     if not info.exists:
-        return f"stream {info.key} does not exist (no events yet)"
+        return [f"stream {info.key} does not exist (no events yet)"]
     lines = [f"stream {info.key}: {info.length} entries"]
     for label, ref in (("first", info.first), ("last", info.last)):
         lines.append(f"  {label:<5} {ref.id} {ref.time}" if ref else f"  {label:<5} -")
@@ -205,10 +273,17 @@ def format_info(info: StreamInfo) -> str:
             f"    {g.name:<20} consumers={g.consumers} pending={g.pending} lag={lag} "
             f"last_delivered={g.last_delivered_id}"
         )
-    return "\n".join(lines)
+    return lines
 
 
-async def _stream_info(args: argparse.Namespace, store: EventStore) -> int:
+def format_info(info: StreamInfo) -> str:
+    lines = _format_one(info)
+    if info.outcomes is not None:
+        lines += _format_one(info.outcomes)
+    return "\n".join(printable(line) for line in lines)
+
+
+async def show_stream_info(args: argparse.Namespace, store: EventStore) -> int:
     info = await stream_info(store)
     if args.json:
         _emit(info)
@@ -220,76 +295,10 @@ async def _stream_info(args: argparse.Namespace, store: EventStore) -> int:
 # --- audit -----------------------------------------------------------------------------------
 
 
-async def _audit(args: argparse.Namespace, store: EventStore) -> int:
+async def audit(args: argparse.Namespace, store: EventStore) -> int:
     entries = await history(store, args.eval_id)
     if args.json:
         _emit(history_json(entries))
     else:
         print(format_history(args.eval_id, entries))
     return 0 if entries else 1
-
-
-# --- commands --------------------------------------------------------------------------------
-
-
-def _command(
-    work: Callable[[argparse.Namespace, EventStore], Awaitable[int]],
-) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        return asyncio.run(_with_store(lambda store: work(args, store)))
-
-    return run
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``audit``, ``tail``, ``replay`` and ``stream-info`` commands."""
-    env = "Reads REDIS_URL and STREAM_PREFIX."
-    audit = subparsers.add_parser(
-        "audit",
-        help="print one evaluation's history from the stream",
-        description="Print every stream event of one evaluation, oldest first, with the time "
-        f"between steps. Exits 1 when there is none. {env}",
-    )
-    audit.add_argument("eval_id", metavar="EVAL_ID")
-    audit.add_argument("--json", action="store_true", help="print the entries as JSON")
-    audit.set_defaults(func=_command(_audit))
-    tail = subparsers.add_parser(
-        "tail",
-        help="follow the event stream live, one line per entry",
-        description=f"Follow the event stream (XREAD BLOCK) and print each entry. {env}",
-    )
-    tail.add_argument(
-        "--type",
-        action="append",
-        metavar="TYPE",
-        help="only this event type; a glob like 'task.*' works; repeat for several",
-    )
-    tail.add_argument("--executor", help="only events about this executor (its URL or part of it)")
-    tail.add_argument("--eval-id", help="only events of this evaluation")
-    tail.add_argument(
-        "--from-start", action="store_true", help="start at the first entry, not the next one"
-    )
-    tail.add_argument("--count", type=int, metavar="N", help="stop after N matching entries")
-    tail.add_argument("--json", action="store_true", help="print each entry as one JSON line")
-    tail.set_defaults(func=_command(_tail))
-
-    replay = subparsers.add_parser(
-        "replay",
-        help="rebuild the status view from the stream and print it as JSON",
-        description="Fold the stream (from its start, --from ID or --since TIME) into the status "
-        f"view, as the worker does on start, and print it as JSON. {env}",
-    )
-    start = replay.add_mutually_exclusive_group()
-    start.add_argument("--from", dest="from_id", metavar="ID", help="first stream id to fold")
-    start.add_argument(
-        "--since", metavar="ISO-TIME", help="fold entries from this time on (UTC unless given)"
-    )
-    replay.set_defaults(func=_command(_replay))
-
-    info = subparsers.add_parser(
-        "stream-info",
-        help="the stream's length, first and last entry, consumer groups with pending and lag",
-        description=f"Describe the event stream and its consumer groups. {env}",
-    )
-    info.add_argument("--json", action="store_true", help="print as JSON")
-    info.set_defaults(func=_command(_stream_info))

@@ -1,4 +1,4 @@
-"""``devstack`` command: run the reference Queue Service or a simulated executor."""
+"""``queue-worker devstack``: run the reference Queue Service or a simulated executor."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
-from queue_worker.devstack.executor import EXECUTE_MODES, HEALTH_MODES, create_executor_app
-from queue_worker.devstack.queue import create_queue_app
+from queue_worker.devstack.modes import EXECUTE_MODES, HEALTH_MODES
 
 
 def _announce(what: str, host: str, port: int) -> Callable[..., None]:
@@ -23,12 +20,20 @@ def _announce(what: str, host: str, port: int) -> Callable[..., None]:
 
 
 def _run_queue(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from queue_worker.devstack.queue import create_queue_app
+
     app = create_queue_app(api_key=args.api_key)
     web.run_app(app, host=args.host, port=args.port, print=_announce("queue", args.host, args.port))
     return 0
 
 
 def _run_executor(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from queue_worker.devstack.executor import create_executor_app
+
     try:
         app = create_executor_app(
             args.id,
@@ -62,12 +67,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Local stand-ins for the services the queue worker talks to.",
     )
     commands = devstack.add_subparsers(dest="devstack_command", required=True, metavar="SERVICE")
+    _register_queue(commands)
+    _register_executor(commands)
 
+
+def _register_queue(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     queue = commands.add_parser(
         "queue",
         help="in-memory Queue Service (GET /tasks/next, POST /tasks/{id}/complete|fail)",
         description="Reference Queue Service with an in-memory priority queue. "
-        "Also serves POST /tasks to enqueue, GET /stats and POST /_inject for tests.",
+        "Also serves POST /tasks to enqueue, GET /stats, POST /_inject (the next answer of "
+        "GET /tasks/next) and POST /_expire/{eval_id} (a lease runs out now) for tests.",
     )
     _add_bind(queue, 8081)
     queue.add_argument(
@@ -75,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     queue.set_defaults(func=_run_queue)
 
+
+def _register_executor(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     executor = commands.add_parser(
         "executor",
         help="simulated executor (never runs the submitted code)",
