@@ -100,10 +100,19 @@ drop_stale_pid_file() {  # $1: pid file, $2: the process it should name
   say "removing the stale pid file $1 (pid ${pid:-none} is no $2)"
   rm -f "$1"
 }
-wait_for() {  # until the daemon answers, while dockerd $1 (or the pid file's) lives; 60 s
+wait_for() {  # until the daemon answers (60 s at most), while dockerd $1 (or the pid file's) lives
+  # A dockerd just started may not be visible yet: $! can still be the shell that is about
+  # to exec it (a busy machine), or a setsid that forked it, and the pid file comes later.
+  # So only give up early once no dockerd has been seen for 10 looks in a row (5 s and more).
+  local unseen=0
   for _ in $(seq 1 120); do
     answers && return 0
-    is_dockerd "$1" || is_dockerd "$(cat "$dir/docker.pid" 2>/dev/null || true)" || return 1
+    if is_dockerd "$1" || is_dockerd "$(cat "$dir/docker.pid" 2>/dev/null || true)"; then
+      unseen=0
+    else
+      unseen=$((unseen + 1))
+      [ "$unseen" -lt 10 ] || return 1
+    fi
     sleep 0.5
   done
   return 1
