@@ -137,8 +137,9 @@ async def test_a_cancel_sent_to_the_other_replica_stops_a_waiting_and_a_running_
 async def test_an_executor_without_cancel_runs_on_and_its_late_answer_is_discarded(
     stack_factory,
 ) -> None:
+    # The run must outlast the CLI's start-up (a new Python process; seconds on a busy machine).
     stack: Stack = await stack_factory(
-        executors=1, executor_capacity=1, executor_options=[{"latency_s": 2.0}]
+        executors=1, executor_capacity=1, executor_options=[{"latency_s": 8.0}]
     )
     await stack.control(0, cancel=False)  # POST /execute/{eval_id}/cancel answers 404
     await stack.enqueue("run-2")
