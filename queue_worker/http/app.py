@@ -355,13 +355,18 @@ async def _retain(app: web.Application) -> None:
             # An earlier version's index group would hold every entry it has not read.
             await app[TASK_INDEX].retire_legacy_group(store)
             status = app[STATUS]
-            trimming = await store.length() > settings.stream_maxlen
-            if trimming and status.checkpoints is not None:  # what goes is counted in it first
+            length = await store.length()
+            if length <= settings.stream_maxlen:
+                continue
+            if status.checkpoints is not None:  # what goes is counted in it first
                 await status.save_checkpoint()
                 if (saved := await status.checkpoints.stored_id()) is not None:
                     protect.append(saved)
             lossy = (store.keys.tracing_group,)  # spans are not worth keeping entries for
-            if await retention.trim(store, settings.stream_maxlen, protect, lossy=lossy):
+            trimmed = await retention.trim(
+                store, settings.stream_maxlen, protect, lossy=lossy, length=length
+            )
+            if trimmed:
                 oldest = await store.redis.xrange(store.keys.events, count=1)
                 if oldest:  # the tasks whose every entry is gone leave the index
                     await app[TASK_INDEX].forget_before(oldest[0][0].decode())

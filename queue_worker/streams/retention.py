@@ -29,12 +29,16 @@ MAX_SCAN = 10_000  # entries inspected per round, so a round stays cheap
 
 
 async def trim_point(
-    store: EventStore, maxlen: int, protect: Iterable[str] = (), lossy: Iterable[str] = ()
+    store: EventStore,
+    maxlen: int,
+    protect: Iterable[str] = (),
+    lossy: Iterable[str] = (),
+    length: int | None = None,
 ) -> str | None:
     """The id below which entries may go, or ``None`` when nothing may (the groups named
-    in ``lossy`` are not waited for)."""
+    in ``lossy`` are not waited for). ``length``: the main stream's, when just read."""
     redis, key = store.redis, store.keys.events
-    excess = await store.length() - maxlen
+    excess = (await store.length() if length is None else length) - maxlen
     if excess <= 0:
         return None
     raws = await redis.xrange(key, "-", "+", count=min(excess, MAX_SCAN) + 1)
@@ -75,10 +79,12 @@ async def trim(
     *,
     approximate: bool = True,
     lossy: Iterable[str] = (),
+    length: int | None = None,
 ) -> int:
     """One retention round; returns the entries removed from the main stream
-    (approximate: whole nodes only). The outcome stream is trimmed at the same point."""
-    point = await trim_point(store, maxlen, protect, lossy)
+    (approximate: whole nodes only). The outcome stream is trimmed at the same point.
+    ``length``: the main stream's, when the caller has just read it."""
+    point = await trim_point(store, maxlen, protect, lossy, length)
     if point is None:
         return 0
     redis = store.redis
