@@ -320,7 +320,7 @@ class Router:
 
     async def _cancel_tasks(self) -> int:
         left = list(self.attempts.tasks)
-        late = list(self.attempts.late)  # cancelled tasks' answers: no longer awaited
+        late = list(self.attempts.cancels.late)  # cancelled tasks' answers: no longer awaited
         for task in left + late:
             task.cancel()
         await asyncio.gather(*left, *late, return_exceptions=True)
