@@ -40,7 +40,8 @@ import structlog
 from queue_worker.config import Settings
 from queue_worker.router.cancels import Cancels
 from queue_worker.router.dispatch import Executed, ExecutionFailed, Outcome, execute
-from queue_worker.router.executors import ExecutorPool, ExecutorState
+from queue_worker.router.executor_state import ExecutorState
+from queue_worker.router.executors import ExecutorPool
 from queue_worker.router.inflight import InFlight, InFlightRegistry
 from queue_worker.router.selection import Selection, Selector
 from queue_worker.router.terminals import (

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from queue_worker.router.dispatch import ExecutionFailed
-from queue_worker.router.executors import ExecutorState
+from queue_worker.router.executor_state import ExecutorState
 from queue_worker.streams import events as ev
 from queue_worker.streams.budget import RetryBudget, Verdict
 
