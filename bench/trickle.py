@@ -38,7 +38,8 @@ from bench.common import BENCH_CODE, percentile, stream_pages
 from bench.processes import CpuMeter, Harness, Stack
 from bench.results import TrickleCell, TrickleIdle, TrickleResult
 from bench.scenarios import Scenario
-from queue_worker.config import DEFAULT_WAKE_CHANNEL, Settings
+from queue_worker.config import Settings
+from queue_worker.config_fields import DEFAULT_WAKE_CHANNEL
 from queue_worker.streams.keys import Keys
 
 RATES = (20.0, 5.0)  # arrivals per second

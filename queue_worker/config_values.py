@@ -1,7 +1,7 @@
 """Reading one setting's value from its text, with errors in plain words.
 
 The parsers here see one value alone; rules that relate settings to each other
-live beside the declarations in :mod:`queue_worker.config`. A parser raises
+are in :mod:`queue_worker.config_rules`. A parser raises
 :class:`Invalid` with what it expected and what it got, the way an operator
 reads it (``expected a whole number from 0 to 65535, got 'abc'``): never
 Python's own text, and never a password (see :func:`shown`).
@@ -286,7 +286,7 @@ def queue_urls(value: str) -> tuple[str, ...]:
 
 def per_executor(kind: Parse[N]) -> Parse[tuple[tuple[str, N], ...]]:
     """``url=value,...``, or ``value,...`` in executor order: those come back with empty
-    URLs, for :func:`queue_worker.config.aligned` to fill in from the executor list."""
+    URLs, for :func:`queue_worker.config_rules.aligned` to fill in from the executor list."""
 
     def parse(value: str) -> tuple[tuple[str, N], ...]:
         listed = items(value)

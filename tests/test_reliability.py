@@ -10,7 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from queue_worker.devstack.redis import RedisServer
-from queue_worker.router.attempts import cap_text, retry_delay_ms
+from queue_worker.router.attempts import retry_delay_ms
+from queue_worker.router.terminals import cap_text
 from queue_worker.streams import events as ev
 from queue_worker.streams import retention
 from queue_worker.streams.keys import Keys

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from typing import TypeVar
 
-from queue_worker.router.executors import ExecutorState
+from queue_worker.router.executor_state import ExecutorState
 from queue_worker.streams import events as ev
 from tests.harness import Stack
 

@@ -3,7 +3,8 @@
 Each attempt: choose an executor (unless the pull already did), record the
 choice and the dispatch, wait while this worker is fenced, ``POST /execute``,
 feed the answer to the executor's health and latency, then either finish
-(``task.completed`` / ``task.failed``) or, for a retryable failure, record
+(``task.completed`` / ``task.failed``, the failures built in
+:mod:`queue_worker.router.terminals`) or, for a retryable failure, record
 ``task.retry_scheduled`` and try another executor after a full-jitter backoff,
 up to ``MAX_ATTEMPTS``. An executor that throttles (429/503: the task was not run)
 is cooled down and the task routed again with the same attempt number, up to
@@ -14,13 +15,14 @@ backoffs end there, and the task fails as ``deadline_exceeded``. The terminal ev
 goes to the stream (a result too large for it is kept beside it) and the task's
 record is released.
 
-An operator's cancel (:meth:`Attempts.cancel`, from ``task.cancel_requested``) stops
-the task wherever it is: waiting for a slot or a backoff, it is never dispatched;
-dispatched, the worker stops waiting for the answer and asks the executor to abort
-(``POST /execute/{eval_id}/cancel``). ``task.cancelled`` records it and the task ends
-as ``task.failed`` with reason and error ``cancelled``. The abandoned ``POST
-/execute`` keeps its executor slot until it is answered; that late answer is
-recorded as ``task.answer_discarded`` and never reported.
+An operator's cancel (:meth:`Attempts.cancel`, from ``task.cancel_requested``)
+stops the task wherever it is: waiting for a slot or a backoff, it is never
+dispatched; dispatched, the worker stops waiting for the answer and asks the
+executor to abort (``POST /execute/{eval_id}/cancel``). ``task.cancelled`` records
+it and the task ends as ``task.failed`` with reason and error ``cancelled``. The
+abandoned ``POST /execute`` keeps its executor slot until it is answered; that
+late answer is recorded as ``task.answer_discarded`` and never reported (both in
+:mod:`queue_worker.router.cancels`).
 """
 
 from __future__ import annotations
@@ -30,17 +32,28 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import msgspec
 import structlog
 
 from queue_worker.config import Settings
+from queue_worker.router.cancels import Cancels
 from queue_worker.router.dispatch import Executed, ExecutionFailed, Outcome, execute
-from queue_worker.router.executors import ExecutorPool, ExecutorState
+from queue_worker.router.executor_state import ExecutorState
+from queue_worker.router.executors import ExecutorPool
 from queue_worker.router.inflight import InFlight, InFlightRegistry
 from queue_worker.router.selection import Selection, Selector
+from queue_worker.router.terminals import (
+    EJECT_REASON_BYTES,
+    Terminal,
+    cap_result,
+    cap_text,
+    failed,
+    no_executor,
+    over_budget,
+    past_deadline,
+)
 from queue_worker.streams import events as ev
 from queue_worker.streams.budget import RetryBudget, Verdict
 from queue_worker.streams.claims import WorkerFenced
@@ -51,15 +64,8 @@ from queue_worker.streams.views import StatusView
 
 log = structlog.get_logger(__name__)
 
-NO_HEALTHY_EXECUTOR = "no_healthy_executor"
-DEADLINE_EXCEEDED = "deadline_exceeded"
-RETRY_BUDGET_EXHAUSTED = "retry_budget_exhausted"
-CANCELLED = "cancelled"  # the reason and the error of a task an operator cancelled
-CANCEL_TIMEOUT_S = 2.0  # how long the executor's POST /execute/{eval_id}/cancel may take
 RESULT_TTL_S = 7 * 24 * 3600
-EJECT_REASON_BYTES = 200
 MAX_THROTTLES = 50  # 429/503 answers one task may get before it fails as executor_throttled
-Terminal = ev.TaskCompleted | ev.TaskFailed
 
 
 def retry_delay_ms(attempt: int, base_ms: int, max_ms: int, rng: random.Random) -> float:
@@ -70,37 +76,6 @@ def retry_delay_ms(attempt: int, base_ms: int, max_ms: int, rng: random.Random) 
 def deadline_left_s(task: ev.Task) -> float | None:
     """Seconds until ``task``'s deadline (negative once it passed); ``None``: it has none."""
     return None if task.deadline is None else task.deadline - time.time()
-
-
-def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
-    """``text`` cut to ``max_bytes`` of UTF-8 (on a character boundary), and whether it was."""
-    if len(text) * 4 <= max_bytes:
-        return text, False
-    data = text.encode()
-    if len(data) <= max_bytes:
-        return text, False
-    return data[:max_bytes].decode(errors="ignore"), True
-
-
-def cap_result(result: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], bool]:
-    """The result with its ``output`` and ``error`` strings cut to ``max_bytes`` each."""
-    capped, cut = dict(result), False
-    for field in ("output", "error"):
-        value = capped.get(field)
-        if isinstance(value, str):
-            capped[field], was_cut = cap_text(value, max_bytes)
-            cut = cut or was_cut
-    return capped, cut
-
-
-def _with_history(error: str, earlier: list[ev.AttemptFailure]) -> str:
-    """The last error, followed by what each earlier attempt ran into."""
-    if not earlier:
-        return error
-    history = "; ".join(
-        f"attempt {f.attempt} on {f.executor}: {f.reason}: {f.error}" for f in earlier
-    )
-    return f"{error} (earlier: {history})"
 
 
 class Attempts:
@@ -132,7 +107,7 @@ class Attempts:
         self.budget = budget
         self.tasks: set[asyncio.Task[None]] = set()
         self.running: dict[str, asyncio.Task[None]] = {}  # eval_id -> its task, once started
-        self.late: set[asyncio.Task[None]] = set()  # waiting for cancelled attempts' answers
+        self.cancels = Cancels(store, session, pool)
         # Queues listed without weights are priority classes: the first one's tasks go
         # first among waiting tasks of equal priority.
         urls = () if settings.queue_weights else settings.queue_urls()
@@ -163,7 +138,7 @@ class Attempts:
                 if record.cancel is None or me is None:
                     raise  # a shutdown, not an operator's cancel
                 me.uncancel()
-                terminal = await self._cancelled(record, log_)
+                terminal = await self.cancels.cancelled(record, log_)
             record.finishing = True
             await self._record(msgspec.structs.replace(terminal, queue=record.queue_url))
         except WorkerFenced as exc:
@@ -188,102 +163,6 @@ class Attempts:
         task.cancel()
         return True
 
-    async def _cancelled(self, record: InFlight, log_: Any) -> Terminal:
-        """Record the cancel (telling the executor that runs the task, if one does) and
-        return the terminal event: ``task.failed``, reason and error ``cancelled``."""
-        assert record.cancel is not None
-        by, reason = record.cancel
-        task, told = record.task, None
-        stage, executor, attempt = record.stage, record.executor, record.attempt
-        if record.abandoned is not None:
-            selection, call, attempt = record.abandoned
-            executor = selection.executor.url
-            told = "answered" if call.done() else await self._tell_executor(executor, task)
-            late = asyncio.create_task(
-                self._discard_late(task.eval_id, selection, call, attempt, task.trace_id),
-                name=f"late-{task.eval_id}",
-            )
-            self.late.add(late)
-            late.add_done_callback(self.late.discard)
-        elif stage == "dispatched":
-            stage = "selected"  # chosen and recorded, never sent
-        elif stage == "pulled":
-            stage = "waiting"  # for a slot
-        log_.warning("task_cancelled", by=by, stage=stage, executor_cancel=told)
-        await self.store.append(
-            ev.TaskCancelled(
-                eval_id=task.eval_id,
-                by=by,
-                reason=reason,
-                stage=stage,
-                executor=executor,
-                attempt=attempt,
-                executor_cancel=told,
-            )
-        )
-        last = ev.AttemptFailure(
-            attempt=max(attempt, 1), executor=executor, reason=CANCELLED, error=CANCELLED
-        )
-        return ev.TaskFailed(
-            eval_id=task.eval_id,
-            executor=executor if record.abandoned is not None else None,
-            attempt=max(attempt, 1),
-            reason=CANCELLED,
-            error=CANCELLED,
-            attempts=[last],
-        )
-
-    async def _tell_executor(self, url: str, task: ev.Task) -> str:
-        """``POST /execute/{eval_id}/cancel`` on the executor running ``task``: what it
-        said (``accepted``; ``unsupported`` for 404/405; else refused or unreachable)."""
-        target = f"{url}/execute/{quote(task.eval_id, safe='')}/cancel"
-        try:
-            async with self.session.post(
-                target, timeout=aiohttp.ClientTimeout(total=CANCEL_TIMEOUT_S)
-            ) as resp:
-                if 200 <= resp.status < 300:
-                    return "accepted"
-                if resp.status in (404, 405):
-                    return "unsupported"
-                return f"refused: HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"unreachable: {type(exc).__name__}"
-
-    async def _discard_late(
-        self,
-        eval_id: str,
-        selection: Selection,
-        call: asyncio.Future[Any],
-        attempt: int,
-        trace_id: str | None = None,
-    ) -> None:
-        """Wait for a cancelled attempt's answer (its slot held meanwhile), then record it
-        as ``task.answer_discarded``."""
-        try:
-            outcome: Outcome = await call
-        finally:
-            await selection.release()
-            await self.pool.notify()
-        if isinstance(outcome, Executed):
-            what, error = "completed", None
-        else:
-            what, error = outcome.reason, cap_text(outcome.error, EJECT_REASON_BYTES)[0]
-        log.info("late_answer_discarded", eval_id=eval_id, outcome=what)
-        try:
-            await self.store.append(
-                ev.TaskAnswerDiscarded(
-                    eval_id=eval_id,
-                    executor=selection.executor.url,
-                    attempt=attempt,
-                    outcome=what,
-                    error=error,
-                    duration_ms=round(outcome.duration_ms, 1),
-                    trace_id=trace_id,  # the task is no longer held: its record is gone
-                )
-            )
-        except RECORDING_ERRORS as exc:
-            log.error("late_answer_not_recorded", eval_id=eval_id, error=str(exc))
-
     async def _attempts(
         self, record: InFlight, attempt: int, first: Selection | None, log_: Any
     ) -> Terminal:
@@ -301,10 +180,10 @@ class Attempts:
                 if selection is not None:  # chosen just too late: not sent
                     await selection.release()
                 log_.warning("deadline_exceeded", attempt=attempt, late_s=round(-left, 3))
-                return self._past_deadline(task, attempt, -left, failures)
+                return past_deadline(task, attempt, -left, failures)
             if selection is None:
                 log_.warning("no_healthy_executor", attempt=attempt)
-                return self._no_executor(task, attempt, failures)
+                return no_executor(task, attempt, failures)
             outcome = await self._dispatch(record, selection, attempt, recorded=first is not None)
             first = None
             chosen = selection.executor
@@ -332,13 +211,14 @@ class Attempts:
                 log_.warning(
                     "task_failed", executor=chosen.url, reason=outcome.reason, error=digest(error)
                 )
-                return self._failed(record.task, attempt, chosen, outcome, failures)
+                return failed(record.task, attempt, chosen, outcome, failures)
             if (left := deadline_left_s(task)) is not None and left <= 0:
                 log_.warning("deadline_exceeded", attempt=attempt + 1, late_s=round(-left, 3))
-                return self._past_deadline(task, attempt + 1, -left, failures)
+                return past_deadline(task, attempt + 1, -left, failures)
             verdict = await self._afford_retry(log_)
             if verdict is not None and not verdict.admitted:
-                return self._over_budget(task, attempt, chosen, outcome, failures, verdict)
+                assert self.budget is not None
+                return over_budget(task, attempt, chosen, outcome, failures, verdict, self.budget)
             await self._retry(record, chosen, outcome, error, attempt, log_)
             avoid |= {chosen.url}
             attempt += 1
@@ -464,78 +344,6 @@ class Attempts:
         )
         record.stage, record.attempt = "retrying", attempt + 1
         await asyncio.sleep(delay_ms / 1000)
-
-    @staticmethod
-    def _no_executor(task: ev.Task, attempt: int, failures: list[ev.AttemptFailure]) -> Terminal:
-        error = "no healthy executor available"
-        last = ev.AttemptFailure(
-            attempt=attempt, executor=None, reason=NO_HEALTHY_EXECUTOR, error=error
-        )
-        return ev.TaskFailed(
-            eval_id=task.eval_id,
-            attempt=attempt,
-            reason=NO_HEALTHY_EXECUTOR,
-            error=_with_history(error, failures),
-            attempts=[*failures, last],
-        )
-
-    def _over_budget(
-        self,
-        task: ev.Task,
-        attempt: int,
-        chosen: ExecutorState,
-        outcome: ExecutionFailed,
-        failures: list[ev.AttemptFailure],
-        verdict: Verdict,
-    ) -> Terminal:
-        assert self.budget is not None
-        why = verdict.explain(self.budget.percent, self.budget.least)
-        error = f"{failures[-1].error}; not retried, the retry budget is spent: {why}"
-        return ev.TaskFailed(
-            eval_id=task.eval_id,
-            executor=chosen.url,
-            attempt=attempt,
-            reason=RETRY_BUDGET_EXHAUSTED,
-            error=_with_history(error, failures[:-1]),
-            result=outcome.result,
-            duration_ms=outcome.duration_ms,
-            attempts=failures,
-        )
-
-    @staticmethod
-    def _past_deadline(
-        task: ev.Task, attempt: int, late_s: float, failures: list[ev.AttemptFailure]
-    ) -> Terminal:
-        error = f"deadline passed {late_s:.3f}s before attempt {attempt} could be dispatched"
-        last = ev.AttemptFailure(
-            attempt=attempt, executor=None, reason=DEADLINE_EXCEEDED, error=error
-        )
-        return ev.TaskFailed(
-            eval_id=task.eval_id,
-            attempt=attempt,
-            reason=DEADLINE_EXCEEDED,
-            error=_with_history(error, failures),
-            attempts=[*failures, last],
-        )
-
-    @staticmethod
-    def _failed(
-        task: ev.Task,
-        attempt: int,
-        chosen: ExecutorState,
-        outcome: ExecutionFailed,
-        failures: list[ev.AttemptFailure],
-    ) -> Terminal:
-        return ev.TaskFailed(
-            eval_id=task.eval_id,
-            executor=chosen.url,
-            attempt=attempt,
-            reason=outcome.reason,
-            error=_with_history(failures[-1].error, failures[:-1]),
-            result=outcome.result,
-            duration_ms=outcome.duration_ms,
-            attempts=failures,
-        )
 
     async def _record(self, terminal: Terminal) -> None:
         """Append the outcome; a result too large for the stream is kept in full beside it.

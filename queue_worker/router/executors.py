@@ -1,5 +1,9 @@
 """The executor pool: membership, live health and load, health checks, ejection.
 
+The pool holds an :class:`~queue_worker.router.executor_state.ExecutorState` for
+each member and decides for all of them together; the check loops are its
+:class:`~queue_worker.router.monitor.HealthMonitor`.
+
 Health works like a load balancer's: every executor is checked (``GET /health``)
 every ``HEALTH_INTERVAL_S``; ``UNHEALTHY_THRESHOLD`` failed checks in a row make
 it unhealthy and ``HEALTHY_THRESHOLD`` passed ones healthy again (a first check
@@ -45,150 +49,27 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from queue_worker.router.balancer import Snapshot
+from queue_worker.router.executor_state import ExecutorState
 from queue_worker.router.health import probe
+from queue_worker.router.monitor import HealthMonitor
 from queue_worker.streams.events import (
-    Candidate,
     Event,
     ExecutorAdded,
     ExecutorCapacityChanged,
     ExecutorEjected,
     ExecutorHealthChanged,
-    ExecutorRejoined,
     ExecutorRemoved,
     ExecutorThrottled,
     RoutingPanicEntered,
     RoutingPanicLeft,
 )
-from queue_worker.streams.store import RECORDING_ERRORS, EventStore
-from queue_worker.supervisor import Supervisor
+from queue_worker.streams.store import EventStore
 
 log = structlog.get_logger(__name__)
 
-LATENCY_EWMA_ALPHA = 0.3  # weight of the newest /execute duration in the moving average
-# A latency figure not refreshed for this long is dropped: the executor counts as "no
-# figure" again and gets tried, so one slow spell does not keep it idle for ever.
-LATENCY_STALE_S = 10.0
 THROTTLE_DEFAULT_S = 1.0  # the cool-down after a 429/503 without a Retry-After
 THROTTLE_MIN_S = 0.05  # "Retry-After: 0" still spaces the next try out a little
 THROTTLE_MAX_S = 60.0  # a longer Retry-After is capped: health checks still run
-
-
-@dataclass(slots=True)
-class ExecutorState:
-    """What this process knows about one executor right now."""
-
-    url: str
-    capacity: int
-    healthy: bool = False
-    checked: bool = False
-    last_check_monotonic: float = 0.0
-    last_check_ms: int | None = None
-    latency_ms: float | None = None  # of the last GET /health
-    health_reason: str = "not checked yet"
-    in_flight: int = 0
-    routed: int = 0
-    failures: int = 0
-    configured_capacity: int = 0
-    latency_ewma_ms: float | None = None  # of /execute answers
-    latency_observed: float = 0.0  # monotonic
-    passes_in_row: int = 0
-    fails_in_row: int = 0
-    dispatch_failures_in_row: int = 0
-    ejected: bool = False
-    ejected_at: float = 0.0  # monotonic
-    ejected_until: float = 0.0  # monotonic
-    ejections: int = 0
-    last_ejection_end: float | None = None
-    removed: bool = False
-    fleet_in_flight: int = 0  # every replica's, from the shared slots (SHARED_CAPACITY)
-    cooled_until: float = 0.0  # monotonic: throttled (429/503) until then
-    throttles: int = 0
-    in_panic: bool = False  # the pool is in panic: routable whatever its health
-    warm_from: float = 0.0  # monotonic: warming up (slow start) from then ...
-    warm_until: float = 0.0  # ... until then
-    warm_on_first_check: bool = False  # added at runtime: its first pass warms it up
-    drained: bool = False  # an operator drained it: no new task (router/control.py)
-
-    def __post_init__(self) -> None:
-        self.configured_capacity = self.configured_capacity or self.capacity
-
-    @property
-    def fit(self) -> bool:
-        """Healthy by its checks, not ejected and still a member."""
-        return self.healthy and not self.ejected and not self.removed
-
-    @property
-    def routable(self) -> bool:
-        """Fit, or any member while the pool is in panic: a strategy may pick it."""
-        return self.fit or (self.in_panic and not self.removed)
-
-    def warmth(self, now: float | None = None) -> float:
-        """How far its slow start has come: 1.0 when it is not warming up."""
-        if not self.warm_until:
-            return 1.0
-        now = time.monotonic() if now is None else now
-        if now >= self.warm_until:
-            self.warm_from = self.warm_until = 0.0
-            return 1.0
-        return max(now - self.warm_from, 0.0) / (self.warm_until - self.warm_from)
-
-    def warm_up(self, seconds: float, now: float) -> None:
-        """Start a slow start of ``seconds`` (none when 0)."""
-        if seconds > 0:
-            self.warm_from, self.warm_until = now, now + seconds
-
-    def cooling_s(self, now: float | None = None) -> float:
-        """How long this executor still cools down after a throttle (0: it does not)."""
-        if not self.cooled_until:
-            return 0.0
-        return max(self.cooled_until - (time.monotonic() if now is None else now), 0.0)
-
-    @property
-    def pickable(self) -> bool:
-        """Routable, not drained and not cooling down: a strategy may pick it now."""
-        return self.routable and not self.drained and not self.cooling_s()
-
-    def routing_latency_ms(self) -> float | None:
-        """The latency EWMA, unless it is older than ``LATENCY_STALE_S``."""
-        if time.monotonic() - self.latency_observed > LATENCY_STALE_S:
-            return None
-        return self.latency_ewma_ms
-
-    def snapshot(self) -> Snapshot:
-        return Snapshot(
-            url=self.url,
-            healthy=self.pickable,
-            in_flight=max(self.in_flight, self.fleet_in_flight),
-            capacity=self.capacity,
-            latency_ms=self.routing_latency_ms(),
-        )
-
-    def candidate(self) -> Candidate:
-        ewma = self.routing_latency_ms()
-        cooling = self.cooling_s()
-        warmth = self.warmth()
-        return Candidate(
-            executor=self.url,
-            healthy=self.healthy,
-            in_flight=self.in_flight,
-            capacity=self.capacity,
-            latency_ms=None if ewma is None else round(ewma, 1),
-            ejected=self.ejected,
-            cooling_s=round(cooling, 3) if cooling else None,
-            warmth=min(round(warmth, 3), 0.999) if warmth < 1 else None,
-            drained=self.drained,
-        )
-
-    def observe_latency(self, duration_ms: float) -> None:
-        """Fold one ``/execute`` duration into the moving average."""
-        previous = self.routing_latency_ms()
-        self.latency_observed = time.monotonic()
-        self.latency_ewma_ms = (
-            duration_ms
-            if previous is None
-            else previous + LATENCY_EWMA_ALPHA * (duration_ms - previous)
-        )
 
 
 def ejection_s(ejections: int, base_s: float, max_s: float) -> float:
@@ -222,13 +103,12 @@ class ExecutorPool:
     panic_since: float = field(init=False, default=0.0)  # monotonic
     changed: asyncio.Condition = field(init=False, default_factory=asyncio.Condition)
     _retired: dict[str, ExecutorState] = field(init=False, default_factory=dict)
-    _checkers: set[str] = field(init=False, default_factory=set)  # their loops' names
-    _supervisor: Supervisor | None = field(init=False, default=None)
-    _interval_s: float | None = field(init=False, default=None)
+    monitor: HealthMonitor = field(init=False)  # the check loops (router/monitor.py)
     membership: int = field(init=False, default=0)  # bumped by every membership change
 
     def __post_init__(self) -> None:
         self.executors = [self._new(u) for u in self.urls]
+        self.monitor = HealthMonitor(self.check)
 
     def _new(self, url: str) -> ExecutorState:
         return ExecutorState(url=url, capacity=self.capacities.get(url, self.capacity))
@@ -276,7 +156,7 @@ class ExecutorPool:
         x.health_reason = reason
         events: list[Event] = []
         warm_on_pass = x.warm_on_first_check or x.checked
-        checks = self._flip(x, healthy, at_once)
+        checks = x.count_check(healthy, at_once, self.healthy_threshold, self.unhealthy_threshold)
         if checks is not None:
             x.healthy = healthy
             if healthy and warm_on_pass:
@@ -298,43 +178,13 @@ class ExecutorPool:
                 )
             )
         if x.ejected and healthy and x.healthy and now >= x.ejected_until:
-            events.append(self._rejoin(x, now, reason))
+            events.append(x.rejoin(now, reason))
             x.warm_up(self.slow_start_s, now)
         if events and (panic := self._panic_change()) is not None:
             events.append(panic)
         if events:
             await self._append(*events)
             await self.notify()
-
-    def _flip(self, x: ExecutorState, healthy: bool, at_once: bool) -> int | None:
-        """Count a check; when it flips ``x``'s health, how many checks in a row agreed."""
-        if healthy:
-            x.passes_in_row, x.fails_in_row = x.passes_in_row + 1, 0
-        else:
-            x.passes_in_row, x.fails_in_row = 0, x.fails_in_row + 1
-        first, x.checked = not x.checked, True
-        if first:
-            return 1  # the first check decides at once (and counts as a flip from unknown)
-        if healthy == x.healthy:
-            return None
-        if healthy:
-            return x.passes_in_row if x.passes_in_row >= self.healthy_threshold else None
-        if at_once:
-            return 1
-        return x.fails_in_row if x.fails_in_row >= self.unhealthy_threshold else None
-
-    @staticmethod
-    def _rejoin(x: ExecutorState, now: float, reason: str) -> ExecutorRejoined:
-        """``x``'s ejection is over and a check passed: routable again."""
-        x.ejected = False
-        x.last_ejection_end = now
-        ejected_s = round(now - x.ejected_at, 3)
-        log.info("executor_rejoined", executor=x.url, ejected_s=ejected_s)
-        return ExecutorRejoined(
-            executor=x.url,
-            ejected_s=ejected_s,
-            reason=f"health check passed after the ejection ({reason})",
-        )
 
     async def learn(self, x: ExecutorState, capacity: int | None) -> None:
         """Take the capacity an executor announces in its ``/health`` answer."""
@@ -515,8 +365,8 @@ class ExecutorPool:
         self.membership += 1
         log.info("executor_added", executor=url, provider=provider)
         await self._append(ExecutorAdded(executor=url, provider=provider, capacity=x.capacity))
-        if self._interval_s is not None:
-            self._start_checker(x, first_now=True)
+        if self.monitor.interval_s is not None:
+            self.monitor.watch(x, first_now=True)
         await self.notify()
         return x
 
@@ -529,50 +379,9 @@ class ExecutorPool:
         x.removed = True
         if x.in_flight:
             self._retired[url] = x
-        await self._stop_checker(url)
+        await self.monitor.unwatch(url)
         log.info("executor_removed", executor=url, provider=provider, in_flight=x.in_flight)
         removed = ExecutorRemoved(executor=url, provider=provider, in_flight=x.in_flight)
         panic = self._panic_change()
         await self._append(removed, *([] if panic is None else [panic]))
         await self.notify()
-
-    # --- the monitor ---------------------------------------------------------------
-
-    def _start_checker(self, x: ExecutorState, *, first_now: bool = False) -> None:
-        assert self._interval_s is not None and self._supervisor is not None
-        name = f"health:{x.url}"
-        interval_s = self._interval_s
-        self._checkers.add(name)
-        self._supervisor.start(name, lambda: self._check_forever(x, interval_s, first_now))
-
-    async def _stop_checker(self, url: str) -> None:
-        name = f"health:{url}"
-        if name in self._checkers and self._supervisor is not None:
-            self._checkers.discard(name)
-            await self._supervisor.stop(name)
-
-    async def _check_forever(self, x: ExecutorState, interval_s: float, first_now: bool) -> None:
-        """Check ``x`` every ``interval_s``, and as soon as an ejection runs out."""
-        delay = 0.0 if first_now else interval_s
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self.check(x)
-            except RECORDING_ERRORS as exc:  # Redis down: the next check tries again
-                log.warning("health_not_recorded", executor=x.url, error=str(exc))
-            delay = interval_s
-            if x.ejected:
-                delay = min(interval_s, max(x.ejected_until - time.monotonic(), 0.0) + 0.001)
-
-    def start_monitor(self, supervisor: Supervisor, interval_s: float) -> None:
-        """Check every executor, each in a loop of its own under ``supervisor`` (so a
-        hanging check stalls no other, and a crashing one is restarted)."""
-        self._supervisor, self._interval_s = supervisor, interval_s
-        for x in self.executors:
-            if f"health:{x.url}" not in self._checkers:
-                self._start_checker(x)
-
-    async def stop_monitor(self) -> None:
-        self._interval_s = None
-        for name in list(self._checkers):
-            await self._stop_checker(name.removeprefix("health:"))

@@ -246,7 +246,9 @@ class Router:
                 queues=[q.url for q in self.puller.queues],
             )
         )
-        self.pool.start_monitor(self.supervisor, self.settings.health_interval_s)
+        self.pool.monitor.start(
+            self.supervisor, self.settings.health_interval_s, self.pool.executors
+        )
         default_lease_s = self.settings.queue_lease_s or 60.0
         self._helper(
             "leases",
@@ -300,7 +302,7 @@ class Router:
         left += await self._cancel_tasks()  # the last poll's task, if it brought one
         for name in self._helpers:
             await self.supervisor.stop(name)
-        await self.pool.stop_monitor()
+        await self.pool.monitor.stop()
         if not self.store.fenced:  # taken over: the stream takes nothing more from us
             await self._record_stop(left, cut_pull)
 
@@ -320,7 +322,7 @@ class Router:
 
     async def _cancel_tasks(self) -> int:
         left = list(self.attempts.tasks)
-        late = list(self.attempts.late)  # cancelled tasks' answers: no longer awaited
+        late = list(self.attempts.cancels.late)  # cancelled tasks' answers: no longer awaited
         for task in left + late:
             task.cancel()
         await asyncio.gather(*left, *late, return_exceptions=True)

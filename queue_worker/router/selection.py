@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from queue_worker.router.balancer import Balancer, Decision, Snapshot, eligible
-from queue_worker.router.executors import ExecutorPool, ExecutorState
+from queue_worker.router.executor_state import ExecutorState
+from queue_worker.router.executors import ExecutorPool
 from queue_worker.router.fleet import SharedRate, SharedSlots
 from queue_worker.streams import events as ev
 from queue_worker.streams.connection import REDIS_ERRORS
