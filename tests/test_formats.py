@@ -8,10 +8,13 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from queue_worker import __version__
-from queue_worker.router.formats import Peer, peer_of
+from queue_worker.router.formats import FormatGuard, Peer, peer_of
+from queue_worker.streams.connection import open_redis
 from queue_worker.streams.keys import STREAM_FORMAT, Keys
+from queue_worker.streams.store import EventStore
 from tests.harness import Stack, eventually
 
 LEGACY_GROUPS = {"publisher", "reporter", "index"}  # what format 1 read on the main stream
@@ -135,3 +138,34 @@ async def test_a_peer_recorded_with_another_format_holds_a_worker_back(
     # Its key expires (it was stopped without a clean stop): this worker goes on.
     await redis.pexpire(keys.alive("later-1"), 1)
     await stack.wait_terminal(2, timeout_s=30)
+
+
+@pytest.mark.parametrize("on", ["single", "cluster"])
+async def test_the_look_finds_workers_of_another_format_on_a_cluster_too(
+    request: pytest.FixtureRequest, prefix: str, on: str
+) -> None:
+    url = request.getfixturevalue("redis_url" if on == "single" else "cluster_url")
+    redis = await open_redis(url)
+    keys = Keys(prefix)
+    guard = FormatGuard(EventStore(redis, keys, "me"), interval_s=0.05)
+    try:
+        assert isinstance(redis, aioredis.RedisCluster) == (on == "cluster")
+        await redis.set(keys.alive("me"), "3", px=60_000)  # its own key is not a peer
+        await redis.set(keys.alive("same"), "5", px=60_000)
+        await redis.set(Keys(prefix + "-other").alive("elsewhere"), "0.1.0", px=60_000)
+        assert await guard.check() and guard.clear.is_set() and guard.problem() is None
+        guard.clear.clear()
+        for i in range(3):
+            await redis.set(keys.alive(f"old-{i}"), "0.1.0", px=60_000)
+        assert not await guard.check()
+        assert guard.peers == tuple(Peer(f"old-{i}", 1, "0.1.0") for i in range(3))
+        problem = guard.problem() or ""
+        assert "old-0 (0.1.0, stream format 1), old-1 (0.1.0, stream format 1)" in problem
+        runner = asyncio.create_task(guard.run())
+        await asyncio.sleep(0.2)
+        assert not runner.done()
+        await redis.delete(*(keys.alive(f"old-{i}") for i in range(3)))
+        await asyncio.wait_for(runner, 5)
+        assert guard.clear.is_set() and guard.peers == ()
+    finally:
+        await redis.aclose()
