@@ -102,7 +102,7 @@ class FormatGuard:
     async def find(self) -> tuple[Peer, ...]:
         """The live workers of another stream format, by worker id."""
         redis, keys = self.store.redis, self.keys
-        at = len(keys.alive(""))
+        at = len(keys.alive("").encode())
         own = keys.alive(self.worker_id).encode()
         found = {
             key
