@@ -1,3 +1,3 @@
 """Queue worker: an event-sourced task router on Redis Streams."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

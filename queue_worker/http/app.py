@@ -2,7 +2,9 @@
 
 Start order: Redis, HTTP client session, event store, the supervisor of every
 loop, liveness (this worker's generation and heartbeat, before anything is
-appended), status projector (it replays the stream in its loop, from the latest
+appended; then the look for live workers of another stream format, which the
+router and the hand-over of an earlier version's groups wait for), status
+projector (it replays the stream in its loop, from the latest
 checkpoint: the app serves meanwhile, ``/health`` says "replaying", and the router and
 retention wait for it), publisher, reporter, the span projector (when tracing is
 on), retention, router. Each is
@@ -37,6 +39,7 @@ from queue_worker.http import (
 )
 from queue_worker.http.state import (
     FATE,
+    FORMATS,
     LIVENESS,
     PUBLISHER,
     REDIS,
@@ -52,6 +55,7 @@ from queue_worker.http.state import (
     TASK_INDEX,
     Fate,
 )
+from queue_worker.router.formats import FormatGuard
 from queue_worker.router.liveness import Liveness
 from queue_worker.router.queue_client import QueueClient
 from queue_worker.router.reporter import Reporter
@@ -67,11 +71,12 @@ from queue_worker.streams.connection import (
 )
 from queue_worker.streams.index import TaskIndex
 from queue_worker.streams.keys import Keys
+from queue_worker.streams.projector import GroupProjector
 from queue_worker.streams.publisher import Publisher
 from queue_worker.streams.store import EventStore
 from queue_worker.streams.tail import TailProjector
 from queue_worker.streams.tracing import SpanProjector
-from queue_worker.supervisor import Supervisor
+from queue_worker.supervisor import LoopFactory, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -182,7 +187,12 @@ async def liveness_ctx(app: web.Application) -> AsyncIterator[None]:
         raise RedisUnavailable(f"Redis at {shown} (REDIS_URL) refused to start: {reason}") from exc
     app[LIVENESS] = liveness
     app[SUPERVISOR].start("heartbeat", liveness.run)
+    # Workers of another stream format (an earlier version): until none is alive, the
+    # router does not start and their groups are not handed over (router/formats.py).
+    app[FORMATS] = FormatGuard(app[STORE], interval_s=settings.heartbeat_interval_s)
+    app[SUPERVISOR].start("formats", app[FORMATS].run)
     yield
+    await app[SUPERVISOR].stop("formats")
     await app[SUPERVISOR].stop("heartbeat")
     await liveness.stop()
 
@@ -261,9 +271,19 @@ async def projectors_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SUPERVISOR].start("publisher", app[PUBLISHER].run)
     app[SUPERVISOR].start("reporter", app[REPORTER].run)
     # An earlier version's groups on the main stream: what they still hold is handled,
-    # then they go (see GroupProjector.retire; docs/OPERATIONS.md, upgrading).
-    app[SUPERVISOR].start("publisher-retire", app[PUBLISHER].retiring().retire)
-    app[SUPERVISOR].start("reporter-retire", app[REPORTER].retiring().retire)
+    # then they go (see GroupProjector.retire; docs/OPERATIONS.md, upgrading), once no
+    # worker of that version is alive to read them.
+    clear = app[FORMATS].clear
+
+    def retire(projector: GroupProjector) -> LoopFactory:
+        async def hand_over() -> None:
+            await clear.wait()
+            await projector.retiring().retire()
+
+        return hand_over
+
+    app[SUPERVISOR].start("publisher-retire", retire(app[PUBLISHER]))
+    app[SUPERVISOR].start("reporter-retire", retire(app[REPORTER]))
     yield
     await app[SUPERVISOR].stop("reporter-retire")
     await app[SUPERVISOR].stop("publisher-retire")
@@ -337,6 +357,7 @@ async def router_ctx(app: web.Application) -> AsyncIterator[None]:
         liveness=app[LIVENESS],
         folded=app[STATUS].wait_folded,
         replayed=app[STATUS].replayed,
+        alone=app[FORMATS].clear,
     )
     app[ROUTER] = router
     running = app[SUPERVISOR].start("pull", router.run)
@@ -352,8 +373,10 @@ async def _retain(app: web.Application) -> None:
         await asyncio.sleep(settings.retention_interval_s)
         protect = [t.pulled_id for t in view.in_flight.values()]
         try:
-            # An earlier version's index group would hold every entry it has not read.
-            await app[TASK_INDEX].retire_legacy_group(store)
+            # An earlier version's index group would hold every entry it has not read
+            # (handed over once no worker of that version is alive to read it).
+            if app[FORMATS].clear.is_set():
+                await app[TASK_INDEX].retire_legacy_group(store)
             status = app[STATUS]
             length = await store.length()
             if length <= settings.stream_maxlen:

@@ -17,6 +17,7 @@ from queue_worker import __version__
 from queue_worker.http.auth import principal_of
 from queue_worker.http.state import (
     FATE,
+    FORMATS,
     LIVENESS,
     PUBLISHER,
     REPORTER,
@@ -94,8 +95,9 @@ def _this_worker(request: web.Request) -> WorkerView:
             "The worker cannot make progress: Redis is unreachable or refuses writes (out of "
             "memory, read-only) or refuses a projector a permission (ACL), "
             "no executor is healthy, the worker is fenced (its liveness key "
-            "is not being refreshed) or was taken over, or a background loop kept failing "
-            "(`loops_dead`).",
+            "is not being refreshed) or was taken over, a background loop kept failing "
+            "(`loops_dead`), or workers of an incompatible (earlier) version are alive: it "
+            "waits for them to stop before it pulls.",
             ex.DEGRADED,
             also=(s.HealthStatus,),
         ),
@@ -110,6 +112,8 @@ async def health(request: web.Request) -> web.Response:
         reasons.append(f"stopping: {app[FATE].reason}")
     if not app[STATUS].replayed.is_set():
         reasons.append("replaying the event stream (nothing is pulled until it is folded)")
+    if (formats_problem := app[FORMATS].problem()) is not None:
+        reasons.append(formats_problem)
     liveness_problem = app[LIVENESS].problem()
     if liveness_problem is not None:
         reasons.append(liveness_problem)

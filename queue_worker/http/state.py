@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from queue_worker.config import Settings
+from queue_worker.router.formats import FormatGuard
 from queue_worker.router.liveness import Liveness
 from queue_worker.router.reporter import Reporter
 from queue_worker.router.router import Router
@@ -43,5 +44,6 @@ ROUTER = web.AppKey("router", Router)
 SPANS: web.AppKey[SpanProjector | None] = web.AppKey("spans")  # None: tracing is off
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 LIVENESS = web.AppKey("liveness", Liveness)
+FORMATS = web.AppKey("formats", FormatGuard)  # live workers of another stream format
 FATE = web.AppKey("fate", Fate)
 STARTED = web.AppKey("started_monotonic", float)

@@ -3,6 +3,8 @@
 * **Generation.** Every start of a worker id bumps ``{<prefix>}:generation:<id>``;
   the stream's append script stamps it on every entry and refuses every entry of a
   generation that was fenced. A start fences the earlier generations of its own id.
+* **Format.** The start also records ``"<stream format> <package version>"`` in
+  ``{<prefix>}:formats`` for peers to read (``router/formats.py``); a clean stop removes it.
 * **Heartbeat.** Every ``HEARTBEAT_INTERVAL_S`` the liveness key
   ``{<prefix>}:alive:<id>`` is set to the generation with a ``DEAD_AFTER_S`` TTL, by
   a script that refuses when a peer took this generation over.
@@ -30,20 +32,24 @@ from typing import cast
 import redis.asyncio as aioredis
 import structlog
 
+from queue_worker import __version__
 from queue_worker.streams.claims import WorkerFenced
 from queue_worker.streams.connection import REDIS_DOWN, REDIS_ERRORS
 from queue_worker.streams.entries import id_key
+from queue_worker.streams.keys import STREAM_FORMAT
 from queue_worker.streams.store import EventStore
 
 log = structlog.get_logger(__name__)
 
-# KEYS: generation, fenced, alive, epoch. ARGV: worker, ttl_ms, a new epoch value.
+# KEYS: generation, fenced, alive, epoch, formats. ARGV: worker, ttl_ms, a new epoch value,
+# "<stream format> <package version>".
 START = """
 local gen = redis.call('INCR', KEYS[1])
 local fenced = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if fenced < gen - 1 then redis.call('HSET', KEYS[2], ARGV[1], gen - 1) end
 redis.call('SET', KEYS[3], gen, 'PX', ARGV[2])
 redis.call('SET', KEYS[4], ARGV[3], 'NX')
+redis.call('HSET', KEYS[5], ARGV[1], ARGV[4])
 return {gen, redis.call('GET', KEYS[4])}
 """
 
@@ -189,8 +195,14 @@ class Liveness:
         sent_at = time.monotonic()
         k = self.keys
         gen, epoch = await self._start(
-            keys=[k.generation(self.worker_id), k.fenced, k.alive(self.worker_id), k.epoch],
-            args=[self.worker_id, self.ttl_ms, new_epoch()],
+            keys=[
+                k.generation(self.worker_id),
+                k.fenced,
+                k.alive(self.worker_id),
+                k.epoch,
+                k.formats,
+            ],
+            args=[self.worker_id, self.ttl_ms, new_epoch(), f"{STREAM_FORMAT} {__version__}"],
         )
         self.generation = int(gen)
         self.store.generation = self.generation
@@ -199,13 +211,15 @@ class Liveness:
         log.info("worker_generation", worker_id=self.worker_id, generation=self.generation)
 
     async def stop(self) -> None:
-        """A clean stop: remove the liveness key, so peers need not wait for its expiry."""
+        """A clean stop: remove the liveness key, so peers need not wait for its expiry
+        (and the recorded format, see ``router/formats.py``)."""
         if self._fence_timer is not None:
             self._fence_timer.cancel()
         if self.taken_over is not None:
             return
         try:
             await self.store.redis.delete(self.keys.alive(self.worker_id))
+            await self.store.redis.hdel(self.keys.formats, self.worker_id)  # type: ignore[misc]
         except REDIS_ERRORS as exc:
             log.warning("liveness_key_left", error=str(exc))
 

@@ -100,11 +100,14 @@ class Router:
         liveness: Liveness | None = None,
         folded: Callable[[str, float], Awaitable[None]] | None = None,
         replayed: asyncio.Event | None = None,
+        alone: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.view = view
         self.replayed = replayed
+        # Set once no worker of another stream format is alive (``formats.py``).
+        self.alone = alone
         self.supervisor = supervisor or Supervisor()
         self.liveness = liveness
         self.discovery = discovery_for(settings, resolver)
@@ -215,13 +218,16 @@ class Router:
     # --- lifecycle -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Announce, recover, check the executors (once), then pull until cancelled.
+        """Announce, recover, check the executors (once), then pull until cancelled; not
+        before the stream is folded and no worker of another stream format is alive.
 
         It runs as the supervised loop ``pull``: after a crash it is started again and
         goes straight back to pulling."""
         if not self._started:
             if self.replayed is not None:  # recovery and the pull gate read the folded view
                 await self.replayed.wait()
+            if self.alone is not None:  # beside an earlier version, no outcome may be made
+                await self.alone.wait()
             await self._start()
             self._started = True
         await self._pull_loop()

@@ -6,7 +6,13 @@ land on one Redis Cluster shard.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# The layout of a deployment's stream and keys that this version reads and writes. Format 1
+# (0.1.x) had no outcome stream: its publisher and reporter read groups of the main stream.
+# Workers of different formats must not run at once (see ``router/formats.py``).
+STREAM_FORMAT = 2
 
 COMPLETED_CHANNEL = "evaluation:completed"
 FAILED_CHANNEL = "evaluation:failed"
@@ -60,8 +66,18 @@ class Keys:
 
     def alive(self, worker_id: str) -> str:
         """A worker's liveness key: it exists while the worker runs (refreshed, with a TTL);
-        its value is the worker's generation."""
+        its value is the worker's generation (format 1: its package version)."""
         return f"{{{self.prefix}}}:alive:{worker_id}"
+
+    @property
+    def alive_pattern(self) -> str:
+        """A ``SCAN ... MATCH`` pattern of every liveness key (the prefix taken literally)."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.alive("")) + "*"
+
+    @property
+    def formats(self) -> str:
+        """A hash: worker id -> ``"<stream format> <package version>"``, written at start."""
+        return f"{{{self.prefix}}}:formats"
 
     def takeover(self, worker_id: str) -> str:
         """Held by the replica that recovers a dead worker's tasks."""

@@ -1,0 +1,156 @@
+"""Workers of another stream format: this worker waits until none of them is alive.
+
+A worker of the earlier version (stream format 1, 0.1.x) reads the publisher's and the
+reporter's groups on the main stream: beside this version it would publish and report
+outcomes a second time (docs/OPERATIONS.md, "Upgrading to the outcome stream"). So:
+
+* Every worker records ``"<stream format> <package version>"`` in ``{<prefix>}:formats``
+  when it starts (the liveness ``START`` script; a clean stop removes it).
+* A liveness key ``{<prefix>}:alive:<id>`` of this version holds the worker's generation,
+  an integer; one of format 1 holds its package version (``0.1.0``).
+* :class:`FormatGuard` looks for live workers of another format at start, and again every
+  ``HEARTBEAT_INTERVAL_S`` while it finds any: ``SCAN`` over the liveness keys, their
+  values (``MGET``) and the formats recorded (``HMGET``). A value that is not an integer
+  is format 1; an integer with a recorded format other than ours is another format. An
+  integer with no recorded format (the hash lost with Redis's data, say) is taken for
+  ours. Until none is left, :attr:`FormatGuard.clear` is unset: the router does not
+  start (it pulls, recovers and takes over nothing), the earlier version's groups are
+  not handed over, and ``/health`` names the workers (:meth:`FormatGuard.problem`).
+
+Once clear it stops looking: a ``SCAN`` walks the whole key space (every task's index
+keys too), not something to repeat for ever. A worker of an earlier version started
+after that is not noticed. On a Redis Cluster the scan asks every primary (redis-py's
+``scan_iter``); the deployment's keys are all on its hash tag's shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from queue_worker.streams.connection import REDIS_ERRORS, denied, transient
+from queue_worker.streams.keys import STREAM_FORMAT
+from queue_worker.streams.store import EventStore
+
+log = structlog.get_logger(__name__)
+
+SCAN_COUNT = 1000  # keys a SCAN call looks at
+SHOWN_PEERS = 10  # workers named in /health's reason (and how many more there are)
+UPGRADING = 'docs/OPERATIONS.md, "Upgrading to the outcome stream"'
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Peer:
+    """A live worker of another stream format."""
+
+    worker_id: str
+    format: int
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.worker_id} ({self.version}, stream format {self.format})"
+
+
+def peer_of(worker_id: str, alive: bytes, recorded: bytes | None) -> Peer | None:
+    """The worker behind a liveness key's value and its recorded format, when its format
+    is not ours (``None`` when it is, or may be taken to be)."""
+    value = alive.decode(errors="replace")
+    if not value.isdigit():  # format 1 kept its package version there
+        return Peer(worker_id, 1, value)
+    if recorded is None:
+        return None
+    text = recorded.decode(errors="replace")
+    fmt, _, version = text.partition(" ")
+    if fmt.isdigit() and int(fmt) == STREAM_FORMAT:
+        return None
+    return Peer(worker_id, int(fmt) if fmt.isdigit() else 0, version or "unknown")
+
+
+class FormatGuard:
+    """Finds live workers of another stream format; :attr:`clear` once there is none."""
+
+    def __init__(self, store: EventStore, *, interval_s: float) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.worker_id = store.worker_id
+        self.interval_s = interval_s
+        self.clear = asyncio.Event()
+        self.peers: tuple[Peer, ...] = ()
+        self.checked = False  # a look went through
+        self.error: str | None = None  # why the last look did not
+
+    def problem(self) -> str | None:
+        """Why this worker waits, for ``/health``; ``None`` once it does not."""
+        if self.clear.is_set():
+            return None
+        if not self.checked:
+            looking = "looking for live workers of another stream format (nothing is pulled"
+            return f"{looking} until none is found)" + (f": {self.error}" if self.error else "")
+        shown = ", ".join(str(p) for p in self.peers[:SHOWN_PEERS])
+        more = len(self.peers) - SHOWN_PEERS
+        if more > 0:
+            shown += f" and {more} more"
+        return (
+            f"workers of an incompatible version are alive: {shown}; stop them ({UPGRADING}): "
+            f"running beside them, they would publish and report outcomes a second time. "
+            f"Nothing is pulled until their liveness keys are gone; then this worker goes on "
+            f"by itself"
+        )
+
+    async def find(self) -> tuple[Peer, ...]:
+        """The live workers of another stream format, by worker id."""
+        redis, keys = self.store.redis, self.keys
+        at = len(keys.alive("").encode())
+        own = keys.alive(self.worker_id).encode()
+        found = {
+            key
+            async for key in redis.scan_iter(match=keys.alive_pattern, count=SCAN_COUNT)
+            if key != own
+        }
+        if not found:
+            return ()
+        names = sorted(found)
+        ids = [name[at:].decode(errors="replace") for name in names]
+        values = await redis.mget(names)
+        recorded = await redis.hmget(keys.formats, ids)  # type: ignore[misc]
+        peers = (
+            peer_of(worker_id, value, fmt)
+            for worker_id, value, fmt in zip(ids, values, recorded, strict=True)
+            if value is not None  # gone since the scan
+        )
+        return tuple(sorted(p for p in peers if p is not None))
+
+    async def check(self) -> bool:
+        """Look once; whether it is clear (logged when what was found changes)."""
+        try:
+            peers = await self.find()
+        except REDIS_ERRORS as exc:
+            if not (transient(exc) or denied(exc)):
+                raise
+            if str(exc) != self.error:
+                log.warning("format_check_failed", error=str(exc))
+            self.error = str(exc)
+            return False
+        self.error = None
+        if peers != self.peers or not self.checked:
+            if peers:
+                log.warning(
+                    "incompatible_workers_alive",
+                    workers=[str(p) for p in peers],
+                    hint=f"stop them ({UPGRADING}); nothing is pulled until they are gone",
+                )
+            elif self.checked:
+                log.warning("incompatible_workers_gone")
+        self.peers, self.checked = peers, True
+        if not peers:
+            self.clear.set()
+        return not peers
+
+    async def run(self) -> None:
+        """Look at once, then every ``interval_s`` until none is found."""
+        while True:
+            if await self.check():
+                return
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,171 @@
+"""A worker does not work beside live workers of another stream format (an earlier
+version): it waits, says so in /health, and goes on by itself once they are gone; on a
+real Redis with the devstack queue and executors."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from queue_worker import __version__
+from queue_worker.router.formats import FormatGuard, Peer, peer_of
+from queue_worker.streams.connection import open_redis
+from queue_worker.streams.keys import STREAM_FORMAT, Keys
+from queue_worker.streams.store import EventStore
+from tests.harness import Stack, eventually
+
+LEGACY_GROUPS = {"publisher", "reporter", "index"}  # what format 1 read on the main stream
+FAST = {"heartbeat_interval_s": 0.1, "retention_interval_s": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("alive", "recorded", "peer"),
+    [
+        (b"0.1.0", None, Peer("w", 1, "0.1.0")),
+        (b"0.1.0", b"2 0.2.0", Peer("w", 1, "0.1.0")),  # the key's value decides
+        (b"7", f"{STREAM_FORMAT} {__version__}".encode(), None),
+        (b"7", None, None),  # no format recorded: taken for ours
+        (b"7", b"3 0.3.0", Peer("w", 3, "0.3.0")),
+        (b"7", b"junk", Peer("w", 0, "unknown")),
+    ],
+)
+def test_a_liveness_key_tells_the_format_of_its_worker(
+    alive: bytes, recorded: bytes | None, peer: Peer | None
+) -> None:
+    assert peer_of("w", alive, recorded) == peer
+
+
+def test_the_alive_pattern_takes_the_prefix_literally() -> None:
+    assert Keys("queue-worker").alive_pattern == "{queue-worker}:alive:*"
+    assert Keys("a*b?[c]").alive_pattern == r"{a\*b\?\[c\]}:alive:*"
+
+
+async def _health(stack: Stack) -> tuple[int, Any]:
+    return await stack.get_json("/health")
+
+
+async def test_a_worker_waits_while_a_worker_of_the_earlier_version_is_alive(
+    stack_factory: Any,
+) -> None:
+    stack: Stack = await stack_factory(start_worker=False)
+    keys, redis = stack.store.keys, stack.redis
+    for group in LEGACY_GROUPS:  # as the earlier version left them
+        await redis.xgroup_create(keys.events, group, id="$", mkstream=True)
+    # A worker of the earlier version: its liveness key holds its package version.
+    await redis.set(keys.alive("old-1"), "0.1.0", px=60_000)
+    await stack.enqueue_many(3)
+    await stack.start_worker(**FAST)
+
+    async def waiting() -> Any:
+        status, body = await _health(stack)
+        reasons = [r for r in body["reasons"] if "incompatible version" in r]
+        return reasons[0] if status == 503 and reasons else None
+
+    reason = await eventually(waiting)
+    assert "old-1 (0.1.0, stream format 1)" in reason
+    assert "stop them" in reason and "docs/OPERATIONS.md" in reason
+    live_status, live = await stack.get_json("/health/live")
+    assert (live_status, live["status"]) == (200, "alive")
+    # Several looks later: nothing pulled, nothing recovered, the groups kept.
+    await asyncio.sleep(1.0)
+    assert stack.queue_state.stats()["queued"] == 3
+    types = {e.event.type for e in await stack.entries()}
+    assert not types & {"task.pulled", "worker.started", "pull.started"}
+    assert {g["name"] for g in await stack.store.info_groups()} == LEGACY_GROUPS
+    assert (await _health(stack))[0] == 503
+
+    # The earlier worker stops (its key is deleted, or expires): this one goes on.
+    await redis.delete(keys.alive("old-1"))
+    await stack.wait_terminal(3, timeout_s=30)
+    assert stack.queue_state.stats()["completed"] == 3
+
+    async def handed_over() -> bool:
+        return not {g["name"] for g in await stack.store.info_groups()}
+
+    await eventually(handed_over)
+
+    async def healthy() -> bool:
+        status, body = await _health(stack)
+        return status == 200 and not body["reasons"]
+
+    await eventually(healthy)
+    await stack.wait_event("worker.started")
+
+
+async def test_a_live_peer_of_this_version_does_not_hold_a_worker_back(
+    stack_factory: Any,
+) -> None:
+    stack: Stack = await stack_factory(start_worker=False)
+    keys, redis = stack.store.keys, stack.redis
+    # A peer of this version: its generation in its liveness key, its format recorded.
+    await redis.set(keys.alive("peer-1"), "4", px=60_000)
+    await redis.hset(keys.formats, "peer-1", f"{STREAM_FORMAT} {__version__}")  # type: ignore[misc]
+    await stack.enqueue_many(3)
+    await stack.start_worker(**FAST)
+    await stack.wait_terminal(3, timeout_s=30)
+    _, body = await _health(stack)
+    assert not [r for r in body["reasons"] if "incompatible" in r or "looking for" in r]
+    # This worker recorded its own format where peers read it; a clean stop removes it.
+    own = stack.settings.worker_id
+    assert await redis.hget(keys.formats, own) == f"{STREAM_FORMAT} {__version__}".encode()  # type: ignore[misc]
+    await stack.stop_worker()
+    assert await redis.hget(keys.formats, own) is None  # type: ignore[misc]
+    assert await redis.hget(keys.formats, "peer-1") is not None  # type: ignore[misc]
+
+
+async def test_a_peer_recorded_with_another_format_holds_a_worker_back(
+    stack_factory: Any,
+) -> None:
+    stack: Stack = await stack_factory(start_worker=False)
+    keys, redis = stack.store.keys, stack.redis
+    await redis.set(keys.alive("later-1"), "9", px=60_000)
+    await redis.hset(keys.formats, "later-1", f"{STREAM_FORMAT + 1} 9.0.0")  # type: ignore[misc]
+    await stack.enqueue_many(2)
+    await stack.start_worker(**FAST)
+
+    async def reason() -> str | None:
+        status, body = await _health(stack)
+        found = [r for r in body["reasons"] if "incompatible version" in r]
+        return found[0] if status == 503 and found else None
+
+    text = await eventually(reason)
+    assert f"later-1 (9.0.0, stream format {STREAM_FORMAT + 1})" in text
+    await asyncio.sleep(0.5)
+    assert stack.queue_state.stats()["queued"] == 2
+    # Its key expires (it was stopped without a clean stop): this worker goes on.
+    await redis.pexpire(keys.alive("later-1"), 1)
+    await stack.wait_terminal(2, timeout_s=30)
+
+
+@pytest.mark.parametrize("on", ["single", "cluster"])
+async def test_the_look_finds_workers_of_another_format_on_a_cluster_too(
+    request: pytest.FixtureRequest, prefix: str, on: str
+) -> None:
+    url = request.getfixturevalue("redis_url" if on == "single" else "cluster_url")
+    redis = await open_redis(url)
+    keys = Keys(prefix)
+    guard = FormatGuard(EventStore(redis, keys, "me"), interval_s=0.05)
+    try:
+        assert isinstance(redis, aioredis.RedisCluster) == (on == "cluster")
+        await redis.set(keys.alive("me"), "3", px=60_000)  # its own key is not a peer
+        await redis.set(keys.alive("same"), "5", px=60_000)
+        await redis.set(Keys(prefix + "-other").alive("elsewhere"), "0.1.0", px=60_000)
+        assert await guard.check() and guard.clear.is_set() and guard.problem() is None
+        guard.clear.clear()
+        for i in range(3):
+            await redis.set(keys.alive(f"old-{i}"), "0.1.0", px=60_000)
+        assert not await guard.check()
+        assert guard.peers == tuple(Peer(f"old-{i}", 1, "0.1.0") for i in range(3))
+        problem = guard.problem() or ""
+        assert "old-0 (0.1.0, stream format 1), old-1 (0.1.0, stream format 1)" in problem
+        runner = asyncio.create_task(guard.run())
+        await asyncio.sleep(0.2)
+        assert not runner.done()
+        await redis.delete(*(keys.alive(f"old-{i}") for i in range(3)))
+        await asyncio.wait_for(runner, 5)
+        assert guard.clear.is_set() and guard.peers == ()
+    finally:
+        await redis.aclose()
