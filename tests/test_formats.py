@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -169,3 +170,37 @@ async def test_the_look_finds_workers_of_another_format_on_a_cluster_too(
         assert guard.clear.is_set() and guard.peers == ()
     finally:
         await redis.aclose()
+
+
+async def test_without_scan_the_look_asks_the_workers_the_stream_names(
+    redis_url: str, prefix: str
+) -> None:
+    admin = await open_redis(redis_url)
+    user = f"noscan-{prefix}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-scan")
+    parts = urlsplit(redis_url)
+    limited = await open_redis(urlunsplit(parts._replace(netloc=f"{user}:pw@{parts.netloc}")))
+    keys = Keys(prefix)
+    named: list[str] = ["me", "old-1", "gone"]
+
+    async def known() -> list[str]:
+        return named
+
+    try:
+        await admin.set(keys.alive("old-1"), "0.1.0", px=60_000)
+        await admin.set(keys.alive("elsewhere"), "0.1.0", px=60_000)  # the stream names it not
+        guard = FormatGuard(EventStore(limited, keys, "me"), interval_s=0.05, known=known)
+        assert not await guard.check()
+        assert guard.peers == (Peer("old-1", 1, "0.1.0"),)
+        assert guard.scan_denied is not None and "scan" in guard.scan_denied.lower()
+        await admin.delete(keys.alive("old-1"))
+        assert await guard.check() and guard.clear.is_set()
+        # With nothing to ask instead, the refusal is what /health shows, and it waits.
+        blind = FormatGuard(EventStore(limited, keys, "me"), interval_s=0.05)
+        assert not await blind.check()
+        assert "scan" in (blind.problem() or "").lower() and not blind.clear.is_set()
+    finally:
+        await admin.delete(keys.alive("elsewhere"))
+        await admin.execute_command("ACL", "DELUSER", user)
+        await limited.aclose()
+        await admin.aclose()

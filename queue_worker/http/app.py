@@ -189,10 +189,11 @@ async def liveness_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SUPERVISOR].start("heartbeat", liveness.run)
     # Workers of another stream format (an earlier version): until none is alive, the
     # router does not start and their groups are not handed over (router/formats.py).
-    app[FORMATS] = FormatGuard(app[STORE], interval_s=settings.heartbeat_interval_s)
-    app[SUPERVISOR].start("formats", app[FORMATS].run)
+    # It looks once the status projector exists (status_ctx): without +scan it asks it.
+    app[FORMATS] = FormatGuard(
+        app[STORE], interval_s=settings.heartbeat_interval_s, known=lambda: _named(app)
+    )
     yield
-    await app[SUPERVISOR].stop("formats")
     await app[SUPERVISOR].stop("heartbeat")
     await liveness.stop()
 
@@ -230,8 +231,16 @@ async def status_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[STATUS] = projector  # it replays in its loop; /health says "replaying" until done
     app[SUPERVISOR].start("status", projector.run)
+    app[SUPERVISOR].start("formats", app[FORMATS].run)
     yield
+    await app[SUPERVISOR].stop("formats")
     await app[SUPERVISOR].stop("status")
+
+
+async def _named(app: web.Application) -> list[str]:
+    """The workers the event stream names, once it is folded."""
+    await app[STATUS].replayed.wait()
+    return list(app[STATUS].view.workers)
 
 
 async def projectors_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -21,11 +21,17 @@ Once clear it stops looking: a ``SCAN`` walks the whole key space (every task's 
 keys too), not something to repeat for ever. A worker of an earlier version started
 after that is not noticed. On a Redis Cluster the scan asks every primary (redis-py's
 ``scan_iter``); the deployment's keys are all on its hash tag's shard.
+
+An ACL user without ``+scan`` (the README's line before this version) does not stop the
+worker: it looks at the liveness keys of the workers the event stream names instead
+(``known``, once the stream is folded), logged once as ``format_scan_denied``. That
+misses only a worker of the earlier version whose every entry was trimmed away.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import structlog
@@ -36,7 +42,7 @@ from queue_worker.streams.store import EventStore
 
 log = structlog.get_logger(__name__)
 
-SCAN_COUNT = 1000  # keys a SCAN call looks at
+SCAN_COUNT = 10_000  # keys a SCAN call looks at (the whole key space is walked once)
 SHOWN_PEERS = 10  # workers named in /health's reason (and how many more there are)
 UPGRADING = 'docs/OPERATIONS.md, "Upgrading to the outcome stream"'
 
@@ -71,8 +77,16 @@ def peer_of(worker_id: str, alive: bytes, recorded: bytes | None) -> Peer | None
 class FormatGuard:
     """Finds live workers of another stream format; :attr:`clear` once there is none."""
 
-    def __init__(self, store: EventStore, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        interval_s: float,
+        known: Callable[[], Awaitable[Collection[str]]] | None = None,
+    ) -> None:
         self.store = store
+        self.known = known  # the workers the stream names, when SCAN is not permitted
+        self.scan_denied: str | None = None
         self.keys = store.keys
         self.worker_id = store.worker_id
         self.interval_s = interval_s
@@ -102,18 +116,10 @@ class FormatGuard:
     async def find(self) -> tuple[Peer, ...]:
         """The live workers of another stream format, by worker id."""
         redis, keys = self.store.redis, self.keys
-        at = len(keys.alive("").encode())
-        own = keys.alive(self.worker_id).encode()
-        found = {
-            key
-            async for key in redis.scan_iter(match=keys.alive_pattern, count=SCAN_COUNT)
-            if key != own
-        }
-        if not found:
+        ids = sorted(set(await self._candidates()) - {self.worker_id})
+        if not ids:
             return ()
-        names = sorted(found)
-        ids = [name[at:].decode(errors="replace") for name in names]
-        values = await redis.mget(names)
+        values = await redis.mget([keys.alive(worker_id) for worker_id in ids])
         recorded = await redis.hmget(keys.formats, ids)  # type: ignore[misc]
         peers = (
             peer_of(worker_id, value, fmt)
@@ -121,6 +127,30 @@ class FormatGuard:
             if value is not None  # gone since the scan
         )
         return tuple(sorted(p for p in peers if p is not None))
+
+    async def _candidates(self) -> list[str]:
+        """The ids of the live workers to look at: every liveness key (``SCAN``), or,
+        when the ACL user may not scan, the workers the event stream names."""
+        redis, keys = self.store.redis, self.keys
+        if self.scan_denied is None:
+            at = len(keys.alive("").encode())
+            try:
+                return [
+                    key[at:].decode(errors="replace")
+                    async for key in redis.scan_iter(match=keys.alive_pattern, count=SCAN_COUNT)
+                ]
+            except REDIS_ERRORS as exc:
+                if not denied(exc) or self.known is None:
+                    raise
+                self.scan_denied = str(exc)
+                log.warning(
+                    "format_scan_denied",
+                    error=str(exc),
+                    hint="add +scan to the ACL user (README); looking at the workers the "
+                    "event stream names instead",
+                )
+        assert self.known is not None
+        return list(await self.known())
 
     async def check(self) -> bool:
         """Look once; whether it is clear (logged when what was found changes)."""
