@@ -164,3 +164,47 @@ async def test_the_rate_limit_is_shared_by_the_replicas(stack_factory) -> None:
         and "paced by EXECUTOR_RATE_LIMIT 5/s" in e.event.why
     ]
     assert paced  # choices that went elsewhere because an executor was at its rate
+
+
+async def test_a_cool_down_binds_every_replica(stack_factory) -> None:
+    # Executor-1 answers every /execute with 429 and Retry-After: 30. The first replica
+    # learns it by trying; the second, started after, never sends it a task: it obeys
+    # the executor.throttled its peer recorded.
+    stack: Stack = await stack_factory(
+        executors=2, executor_capacity=4, executor_options=[{"execute": "throttle"}, {}]
+    )
+    await stack.control(0, retry_after="30")
+    throttler, worker = stack.executors[0].url, stack.executors[1].url
+    for i in range(10):  # one at a time until the first replica has tried executor-1
+        await stack.enqueue(f"first-{i}")
+        await stack.wait_terminal(i + 1)
+        if of(await stack.entries(), ev.ExecutorThrottled):
+            break
+    [throttled] = of(await stack.entries(), ev.ExecutorThrottled)
+    assert throttled.executor == throttler and throttled.cooldown_s == 30.0
+    done = stack.terminal_in_queue()
+
+    second = Server(create_app(stack.settings.with_(hostname="second-worker")))
+    await second.start()
+    try:
+        await stack.stop_worker()  # only the second replica pulls from here on
+        ids = await stack.enqueue_many(8, prefix="second")
+        await stack.wait_terminal(done + 8)
+    finally:
+        await second.stop()
+    entries = await stack.entries()
+    assert len(of(entries, ev.ExecutorThrottled)) == 1  # nobody tried executor-1 again
+    by_second = [
+        e.event
+        for e in entries
+        if e.worker_id == "second-worker" and isinstance(e.event, ev.TaskDispatched)
+    ]
+    assert sorted(d.eval_id for d in by_second) == ids
+    assert {d.executor for d in by_second} == {worker}
+    choices = [
+        e.event
+        for e in entries
+        if e.worker_id == "second-worker" and isinstance(e.event, ev.ExecutorSelected)
+    ]
+    cooling = [c.cooling_s for s in choices for c in s.candidates if c.executor == throttler]
+    assert cooling and all(s is not None and s > 20 for s in cooling), cooling

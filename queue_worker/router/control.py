@@ -6,16 +6,19 @@ worker) and ``executor.drained`` / ``executor.undrained``; this module reads tha
 pool's executors drained (no new task goes to one; its tasks in flight finish), waking
 the tasks that wait for a slot when it changes. It also folds ``task.cancel_requested``
 for the tasks in flight: :func:`cancels_for` names those this worker holds, which it
-cancels (the request may have reached any replica). The router looks every
-``CONTROL_POLL_S``, so every replica obeys within a second of the entry, and a restart
-obeys it again from the replay.
+cancels (the request may have reached any replica). And an executor's ``Retry-After``
+binds the fleet: :func:`apply_cooldowns` cools down here an executor that answered a
+peer 429 or 503 (``executor.throttled``, folded as the executor's
+``cooling_until_ts``). The router looks every ``CONTROL_POLL_S``, so every replica
+obeys within a second of the entry, and a restart obeys it again from the replay.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
-from queue_worker.router.executors import ExecutorPool
+from queue_worker.router.executors import THROTTLE_MAX_S, ExecutorPool
 from queue_worker.router.inflight import InFlightRegistry
 from queue_worker.streams.views import PauseView, StatusView
 
@@ -38,6 +41,23 @@ def apply_drains(view: StatusView | None, pool: ExecutorPool) -> bool:
             x.drained = x.url in drained
             changed = True
     return changed
+
+
+def apply_cooldowns(view: StatusView | None, pool: ExecutorPool) -> None:
+    """Cool down the pool's executors that the stream says are cooling down, whichever
+    replica they answered: until the entry's time plus its cool-down (the clocks of the
+    replicas and of Redis agree to well under a cool-down; never more than
+    ``THROTTLE_MAX_S`` from now). A cool-down already longer here is kept."""
+    if view is None:
+        return
+    wall, now = time.time(), time.monotonic()
+    for x in pool.executors:
+        seen = view.executors.get(x.url)
+        if seen is None or not seen.cooling_until_ts:
+            continue
+        left = min(seen.cooling_until_ts / 1000 - wall, THROTTLE_MAX_S)
+        if left > 0:
+            x.cooled_until = max(x.cooled_until, now + left)
 
 
 def cancels_for(view: StatusView | None, held: InFlightRegistry) -> Iterator[tuple[str, str, str]]:

@@ -277,6 +277,7 @@ class Router:
         if view is not None:
             self._helper("takeover", lambda: self.recovery.take_over_dead_peers(view))
         control.apply_drains(view, self.pool)
+        control.apply_cooldowns(view, self.pool)
         self._helper("control", self._obey)
         await self.pool.check_all()
         if view is not None:
@@ -350,11 +351,13 @@ class Router:
             log.error("worker_stopped_not_recorded", error=str(exc))
 
     async def _obey(self) -> None:
-        """Follow the drains folded from the stream (pauses are read by the pull gate), and
-        cancel the tasks held here that an operator cancelled."""
+        """Follow the drains and the executors' cool-downs folded from the stream (pauses
+        are read by the pull gate), and cancel the tasks held here that an operator
+        cancelled."""
         while True:
             if control.apply_drains(self.view, self.pool):
                 await self.pool.notify()
+            control.apply_cooldowns(self.view, self.pool)
             for eval_id, by, reason in control.cancels_for(self.view, self.inflight):
                 if self.attempts.cancel(eval_id, by, reason):
                     log.warning("cancel_requested", eval_id=eval_id, by=by)
