@@ -55,7 +55,7 @@ async def test_a_long_poll_is_answered_when_a_task_arrives() -> None:
 
 async def test_an_idle_worker_finds_a_task_through_its_long_poll(stack_factory) -> None:
     stack: Stack = await stack_factory(
-        poll_interval_s=PATIENT_S, queue_wait_s=20.0, wake_channel=None
+        poll_interval_s=PATIENT_S, queue_wait_s=8.0, wake_channel=None
     )
     assert stack.worker is not None
     await asyncio.sleep(1.0)  # idle: one empty answer, then a poll the queue holds open

@@ -244,7 +244,7 @@ async def test_a_task_a_long_poll_brings_during_an_outage_waits_for_its_record(
     server = RedisServer(directory=str(tmp_path), appendonly=True, appendfsync="always").start()
     try:
         stack: Stack = await stack_factory(
-            redis=server.url, queue_wait_s=20.0, poll_interval_s=30.0, wake_channel=None
+            redis=server.url, queue_wait_s=8.0, poll_interval_s=30.0, wake_channel=None
         )
         await asyncio.sleep(1.0)  # idle: the queue holds the worker's poll open
         server.kill()
