@@ -321,11 +321,13 @@ async def test_no_duplicate_spans_after_redelivery_or_a_failed_export(
     await eventually(lambda: again.repeats_skipped >= 2, timeout_s=30)
     await asyncio.sleep(0.5)
     assert sorted((s.trace_id, s.span_id) for s in receiver.spans) == first
-    # Nothing pending, nothing kept: the steps went with the export.
+    # Nothing pending, and no copy of any task's steps: the spans came from the index.
     pending = await stack.redis.xpending(stack.store.keys.events, "tracing")
     assert pending["pending"] == 0
     kept = [k async for k in stack.redis.scan_iter(match=f"{{{stack.prefix}}}:trace:*")]
     assert kept == []
+    marks = [k async for k in stack.redis.scan_iter(match=f"{{{stack.prefix}}}:traced:*")]
+    assert len(marks) == 2
 
 
 @pytest.mark.parametrize("after", ["restart", "takeover"])
@@ -544,8 +546,9 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
     redis_url: str, prefix: str
 ) -> None:
     """A replica read the task's first entries and stalls (they stay pending with it) when
-    the task ends: the projector handling the end reads them from the stream, so the trace
-    is whole; when they come back later (claimed), nothing is kept or exported again."""
+    the task ends: the projector handling the end finds them in the task index and reads
+    them from the stream, so the trace is whole; when they come back later (claimed),
+    nothing is exported again."""
     redis = aioredis.Redis.from_url(redis_url)
     store = EventStore(redis, Keys(prefix), "w")
     exported: list[list[Any]] = []
@@ -583,7 +586,7 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
-    # The stalled consumer's entries are claimed by a projector: kept no more, not exported.
+    # The stalled consumer's entries are claimed by a projector: acknowledged, not exported.
     claimer = SpanProjector(store, "tracing", "claimer", export, claim_idle_ms=1)
     runner = asyncio.create_task(claimer.run())
     try:
@@ -592,12 +595,12 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
     assert len(exported) == 1
-    assert await redis.exists(store.keys.trace_steps("held-1")) == 0
+    assert [k async for k in redis.scan_iter(match=f"{{{prefix}}}:trace:*")] == []
     assert (await redis.xpending(store.keys.events, "tracing"))["pending"] == 0
     await redis.aclose()
 
 
-async def test_the_steps_kept_per_task_are_capped_the_first_one_stays(
+async def test_the_entries_read_per_trace_are_capped_the_first_one_stays(
     redis_url: str, prefix: str
 ) -> None:
     redis = aioredis.Redis.from_url(redis_url)
@@ -624,8 +627,10 @@ async def test_the_steps_kept_per_task_are_capped_the_first_one_stays(
                                       delay_ms=0.0, reason="r", error="e", trace_id=GIVEN_TRACE),
             )  # fmt: skip
         await eventually(lambda: projector.handled >= 13, timeout_s=10)
-        assert await redis.zcard(store.keys.trace_steps("long-1")) == 4
-        assert 0 < await redis.ttl(store.keys.trace_steps("long-1")) <= 7 * 24 * 3600
+        # Entries that do not end a task leave nothing in Redis: no copy of its steps.
+        assert [k async for k in redis.scan_iter(match=f"{{{prefix}}}:trace*")] == []
+        assert await redis.zcard(store.keys.task("long-1")) == 13  # the index has them
+        assert exported == []
         await store.append(ev.TaskFailed(eval_id="long-1", attempt=7, reason="r", error="e",
                                          trace_id=GIVEN_TRACE),
                            ev.TaskReported(eval_id="long-1", outcome="failed", http_status=200,
@@ -636,8 +641,12 @@ async def test_the_steps_kept_per_task_are_capped_the_first_one_stays(
         await asyncio.gather(runner, return_exceptions=True)
         await redis.aclose()
     [spans] = exported
-    assert spans[0].attributes["queue_worker.queue"] == "q"  # task.pulled was kept
-    assert len([s for s in spans if s.name == "dispatch"]) < 6  # the oldest went
+    assert spans[0].attributes["queue_worker.queue"] == "q"  # task.pulled was read
+    # The first entry and the latest 3 of 15: the last retry, the failure, the report.
+    names = Counter(s.name for s in spans)
+    assert (names["dispatch"], names["retry backoff"], names["report"]) == (0, 1, 1), names
+    [backoff] = [s for s in spans if s.name == "retry backoff"]
+    assert backoff.attributes["queue_worker.attempt"] == 7
     assert spans[0].attributes["queue_worker.outcome"] == "failed"
 
 
