@@ -600,6 +600,136 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
     await redis.aclose()
 
 
+async def test_a_task_written_by_two_replicas_has_one_whole_trace(
+    redis_url: str, prefix: str
+) -> None:
+    """Replica w1 pulls and dispatches the task, w2 takes it over and finishes it; each
+    runs a projector in the group. Whichever reads the end, the trace has every entry
+    of both, and it is exported once."""
+    redis = aioredis.Redis.from_url(redis_url)
+    w1, w2 = EventStore(redis, Keys(prefix), "w1"), EventStore(redis, Keys(prefix), "w2")
+    exported: list[list[Any]] = []
+
+    async def export(spans: list[Any]) -> None:
+        exported.append(spans)
+
+    await redis.xgroup_create(w1.keys.events, "tracing", id="0", mkstream=True)
+    projectors = [
+        SpanProjector(w1, "tracing", "w1", export, batch=2, linger_ms=0),
+        SpanProjector(w2, "tracing", "w2", export, batch=2, linger_ms=0),
+    ]
+    runners = [asyncio.create_task(p.run()) for p in projectors]
+    try:
+        task = ev.Task(eval_id="two-1", code="x", trace_id=GIVEN_TRACE)
+        await w1.append(
+            ev.TaskPulled(eval_id="two-1", pull_id="p", task=task, code_bytes=1, queue="q",
+                          trace_id=GIVEN_TRACE),
+            ev.ExecutorSelected(eval_id="two-1", executor="x1", strategy="s", attempt=1,
+                                candidates=[], why="first", trace_id=GIVEN_TRACE),
+            ev.TaskDispatched(eval_id="two-1", executor="x1", attempt=1, timeout_s=1.0,
+                              trace_id=GIVEN_TRACE),
+        )  # fmt: skip
+        await eventually(lambda: sum(p.handled for p in projectors) >= 3, timeout_s=10)
+        await w2.append(
+            ev.TaskRecovered(eval_id="two-1", action="redispatch", stage="dispatched",
+                             previous_attempt=1, owner="w1", trace_id=GIVEN_TRACE),
+            ev.ExecutorSelected(eval_id="two-1", executor="x2", strategy="s", attempt=2,
+                                candidates=[], why="second", trace_id=GIVEN_TRACE),
+            ev.TaskDispatched(eval_id="two-1", executor="x2", attempt=2, timeout_s=1.0,
+                              trace_id=GIVEN_TRACE),
+            ev.TaskCompleted(eval_id="two-1", executor="x2", attempt=2, result={},
+                             duration_ms=1.0, trace_id=GIVEN_TRACE),
+            ev.TaskReported(eval_id="two-1", outcome="completed", http_status=200,
+                            trace_id=GIVEN_TRACE),
+        )  # fmt: skip
+        await eventually(lambda: exported, timeout_s=10)
+        await eventually(lambda: sum(p.handled for p in projectors) >= 8, timeout_s=10)
+        await asyncio.sleep(0.3)
+    finally:
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+    [spans] = exported
+    names = Counter(s.name for s in spans)
+    assert (names["evaluation"], names["dispatch"], names["recovery"], names["report"]) == (
+        1, 2, 1, 1,
+    ), names  # fmt: skip
+    root = spans[0]
+    assert root.attributes["queue_worker.worker_id"] == "w1"  # w1 pulled it
+    assert root.attributes["queue_worker.outcome"] == "completed"
+    dispatches = sorted((s for s in spans if s.name == "dispatch"), key=lambda s: s.start_ns)
+    assert [(d.attributes["queue_worker.worker_id"], d.attributes["queue_worker.why"])
+            for d in dispatches] == [("w1", "first"), ("w2", "second")]  # fmt: skip
+    assert dispatches[0].attributes["queue_worker.outcome"] == "interrupted"
+    [recovery] = [s for s in spans if s.name == "recovery"]
+    assert recovery.attributes["queue_worker.previous_worker_id"] == "w1"
+    assert await redis.get(w1.keys.traced("two-1")) is not None
+    assert [k async for k in redis.scan_iter(match=f"{{{prefix}}}:trace:*")] == []
+    assert (await redis.xpending(w1.keys.events, "tracing"))["pending"] == 0
+    await redis.aclose()
+
+
+async def test_a_task_handed_out_again_gets_a_second_trace_of_its_own(
+    redis_url: str, prefix: str
+) -> None:
+    """The queue took the task back (``lease_lost``): that ends its first trace. Handed
+    out again, it ends a second trace, of the entries after the first one only."""
+    redis = aioredis.Redis.from_url(redis_url)
+    store = EventStore(redis, Keys(prefix), "w")
+    exported: list[list[Any]] = []
+
+    async def export(spans: list[Any]) -> None:
+        exported.append(spans)
+
+    await redis.xgroup_create(store.keys.events, "tracing", id="0", mkstream=True)
+
+    def handout(n: int) -> list[ev.Event]:
+        task = ev.Task(eval_id="again-1", code="x", trace_id=GIVEN_TRACE)
+        return [
+            ev.TaskPulled(eval_id="again-1", pull_id=f"p{n}", task=task, code_bytes=1,
+                          queue=f"q{n}", trace_id=GIVEN_TRACE),
+            ev.TaskDispatched(eval_id="again-1", executor="x", attempt=1, timeout_s=1.0,
+                              trace_id=GIVEN_TRACE),
+        ]  # fmt: skip
+
+    await store.append(
+        *handout(1),
+        ev.TaskRecovered(eval_id="again-1", action="lease_lost", stage="dispatched",
+                         previous_attempt=1, trace_id=GIVEN_TRACE),
+        *handout(2),
+        ev.TaskCompleted(eval_id="again-1", executor="x", attempt=1, result={},
+                         duration_ms=1.0, trace_id=GIVEN_TRACE),
+        ev.TaskReported(eval_id="again-1", outcome="completed", http_status=200,
+                        trace_id=GIVEN_TRACE),
+    )  # fmt: skip
+
+    def roots() -> list[Any]:
+        return [s for spans in exported for s in spans if s.name == "evaluation"]
+
+    # One batch holds both endings, or the second comes after the first's mark.
+    for batch in (100, 1):
+        await redis.delete(store.keys.traced("again-1"))
+        await redis.xgroup_setid(store.keys.events, "tracing", "0")
+        exported.clear()
+        projector = SpanProjector(store, "tracing", f"c{batch}", export, batch=batch)
+        runner = asyncio.create_task(projector.run())
+        try:
+            await eventually(lambda: len(roots()) >= 2, timeout_s=10)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert len(exported) == (1 if batch > 1 else 2)
+        first, second = roots()
+        assert first.attributes["queue_worker.queue"] == "q1"
+        assert second.attributes["queue_worker.queue"] == "q2"
+        assert [sum(s.name == "dispatch" for s in spans) for spans in exported] == (
+            [2] if batch > 1 else [1, 1]
+        )
+        assert "queue_worker.outcome" not in first.attributes
+        assert second.attributes["queue_worker.outcome"] == "completed"
+    await redis.aclose()
+
+
 async def test_the_entries_read_per_trace_are_capped_the_first_one_stays(
     redis_url: str, prefix: str
 ) -> None:
