@@ -9,8 +9,8 @@ with our worker as its own process, alternately with tracing off and with
 (``queue_worker.devstack.otlp``, which decodes every export). Each run has a stream of
 its own (``STREAM_PREFIX``), so no run replays another's. A run with tracing on ends
 when the receiver got every task's root span, so the export's work is inside it. It
-prints the worker's CPU per task (user + system, from ``/proc``) for each run, the
-median of each mode and their ratio. The machine is shared: compare medians of rounds.
+prints the worker's CPU per task (user + system, from ``/proc``) and Redis's for each
+run, the median of each mode and their ratio. The machine is shared: compare medians of rounds.
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ class Run:
     tasks: int
     seconds: float
     cpu_s: float
+    redis_cpu_s: float
     spans: int
 
     @property
     def cpu_ms_per_task(self) -> float:
         return 1000 * self.cpu_s / self.tasks
+
+    @property
+    def redis_ms_per_task(self) -> float:
+        return 1000 * self.redis_cpu_s / self.tasks
 
 
 async def _run(
@@ -54,7 +59,7 @@ async def _run(
         before = await stack.progress()
         spans0 = len(receiver.spans)
         roots0 = sum(s.name == "evaluation" for s in receiver.spans)
-        meter = CpuMeter(child.pid, {})
+        meter = CpuMeter(child.pid, {"redis": h.redis_pid})
         started = time.perf_counter()
         await stack.fill(n, f"t{seq}")
         deadline = started + 600
@@ -73,7 +78,8 @@ async def _run(
     finally:
         await child.stop()
     assert reading.router_s is not None
-    return Run(traced, n, seconds, reading.router_s, len(receiver.spans) - spans0)
+    redis_s = reading.others_s["redis"]
+    return Run(traced, n, seconds, reading.router_s, redis_s, len(receiver.spans) - spans0)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -94,7 +100,8 @@ async def main_async(args: argparse.Namespace) -> int:
                         print(
                             f"tracing {'on ' if traced else 'off'}: {run.tasks} tasks in "
                             f"{run.seconds:.1f} s ({run.tasks / run.seconds:.0f}/s), "
-                            f"{run.cpu_ms_per_task:.3f} ms CPU per task, {run.spans} spans",
+                            f"{run.cpu_ms_per_task:.3f} ms CPU per task "
+                            f"(Redis {run.redis_ms_per_task:.3f} ms), {run.spans} spans",
                             flush=True,
                         )
             finally:
@@ -103,9 +110,12 @@ async def main_async(args: argparse.Namespace) -> int:
     off = statistics.median(r.cpu_ms_per_task for r in runs if not r.traced)
     on = statistics.median(r.cpu_ms_per_task for r in runs if r.traced)
     spans = statistics.median(r.spans / r.tasks for r in runs if r.traced)
+    redis_off = statistics.median(r.redis_ms_per_task for r in runs if not r.traced)
+    redis_on = statistics.median(r.redis_ms_per_task for r in runs if r.traced)
     print(
         f"\nmedian CPU per task: off {off:.3f} ms, on {on:.3f} ms, "
-        f"ratio {on / off:.2f} (+{on - off:.3f} ms; {spans:.1f} spans per task)"
+        f"ratio {on / off:.2f} (+{on - off:.3f} ms; {spans:.1f} spans per task); "
+        f"Redis: off {redis_off:.3f} ms, on {redis_on:.3f} ms (+{redis_on - redis_off:.3f} ms)"
     )
     return 0
 

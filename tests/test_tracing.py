@@ -321,11 +321,13 @@ async def test_no_duplicate_spans_after_redelivery_or_a_failed_export(
     await eventually(lambda: again.repeats_skipped >= 2, timeout_s=30)
     await asyncio.sleep(0.5)
     assert sorted((s.trace_id, s.span_id) for s in receiver.spans) == first
-    # Nothing pending, nothing kept: the steps went with the export.
+    # Nothing pending, and no copy of any task's steps: the spans came from the index.
     pending = await stack.redis.xpending(stack.store.keys.events, "tracing")
     assert pending["pending"] == 0
     kept = [k async for k in stack.redis.scan_iter(match=f"{{{stack.prefix}}}:trace:*")]
     assert kept == []
+    marks = [k async for k in stack.redis.scan_iter(match=f"{{{stack.prefix}}}:traced:*")]
+    assert len(marks) == 2
 
 
 @pytest.mark.parametrize("after", ["restart", "takeover"])
@@ -544,8 +546,9 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
     redis_url: str, prefix: str
 ) -> None:
     """A replica read the task's first entries and stalls (they stay pending with it) when
-    the task ends: the projector handling the end reads them from the stream, so the trace
-    is whole; when they come back later (claimed), nothing is kept or exported again."""
+    the task ends: the projector handling the end finds them in the task index and reads
+    them from the stream, so the trace is whole; when they come back later (claimed),
+    nothing is exported again."""
     redis = aioredis.Redis.from_url(redis_url)
     store = EventStore(redis, Keys(prefix), "w")
     exported: list[list[Any]] = []
@@ -583,7 +586,7 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
-    # The stalled consumer's entries are claimed by a projector: kept no more, not exported.
+    # The stalled consumer's entries are claimed by a projector: acknowledged, not exported.
     claimer = SpanProjector(store, "tracing", "claimer", export, claim_idle_ms=1)
     runner = asyncio.create_task(claimer.run())
     try:
@@ -592,12 +595,142 @@ async def test_entries_another_consumer_still_holds_are_in_the_trace(
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
     assert len(exported) == 1
-    assert await redis.exists(store.keys.trace_steps("held-1")) == 0
+    assert [k async for k in redis.scan_iter(match=f"{{{prefix}}}:trace:*")] == []
     assert (await redis.xpending(store.keys.events, "tracing"))["pending"] == 0
     await redis.aclose()
 
 
-async def test_the_steps_kept_per_task_are_capped_the_first_one_stays(
+async def test_a_task_written_by_two_replicas_has_one_whole_trace(
+    redis_url: str, prefix: str
+) -> None:
+    """Replica w1 pulls and dispatches the task, w2 takes it over and finishes it; each
+    runs a projector in the group. Whichever reads the end, the trace has every entry
+    of both, and it is exported once."""
+    redis = aioredis.Redis.from_url(redis_url)
+    w1, w2 = EventStore(redis, Keys(prefix), "w1"), EventStore(redis, Keys(prefix), "w2")
+    exported: list[list[Any]] = []
+
+    async def export(spans: list[Any]) -> None:
+        exported.append(spans)
+
+    await redis.xgroup_create(w1.keys.events, "tracing", id="0", mkstream=True)
+    projectors = [
+        SpanProjector(w1, "tracing", "w1", export, batch=2, linger_ms=0),
+        SpanProjector(w2, "tracing", "w2", export, batch=2, linger_ms=0),
+    ]
+    runners = [asyncio.create_task(p.run()) for p in projectors]
+    try:
+        task = ev.Task(eval_id="two-1", code="x", trace_id=GIVEN_TRACE)
+        await w1.append(
+            ev.TaskPulled(eval_id="two-1", pull_id="p", task=task, code_bytes=1, queue="q",
+                          trace_id=GIVEN_TRACE),
+            ev.ExecutorSelected(eval_id="two-1", executor="x1", strategy="s", attempt=1,
+                                candidates=[], why="first", trace_id=GIVEN_TRACE),
+            ev.TaskDispatched(eval_id="two-1", executor="x1", attempt=1, timeout_s=1.0,
+                              trace_id=GIVEN_TRACE),
+        )  # fmt: skip
+        await eventually(lambda: sum(p.handled for p in projectors) >= 3, timeout_s=10)
+        await w2.append(
+            ev.TaskRecovered(eval_id="two-1", action="redispatch", stage="dispatched",
+                             previous_attempt=1, owner="w1", trace_id=GIVEN_TRACE),
+            ev.ExecutorSelected(eval_id="two-1", executor="x2", strategy="s", attempt=2,
+                                candidates=[], why="second", trace_id=GIVEN_TRACE),
+            ev.TaskDispatched(eval_id="two-1", executor="x2", attempt=2, timeout_s=1.0,
+                              trace_id=GIVEN_TRACE),
+            ev.TaskCompleted(eval_id="two-1", executor="x2", attempt=2, result={},
+                             duration_ms=1.0, trace_id=GIVEN_TRACE),
+            ev.TaskReported(eval_id="two-1", outcome="completed", http_status=200,
+                            trace_id=GIVEN_TRACE),
+        )  # fmt: skip
+        await eventually(lambda: exported, timeout_s=10)
+        await eventually(lambda: sum(p.handled for p in projectors) >= 8, timeout_s=10)
+        await asyncio.sleep(0.3)
+    finally:
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+    [spans] = exported
+    names = Counter(s.name for s in spans)
+    assert (names["evaluation"], names["dispatch"], names["recovery"], names["report"]) == (
+        1, 2, 1, 1,
+    ), names  # fmt: skip
+    root = spans[0]
+    assert root.attributes["queue_worker.worker_id"] == "w1"  # w1 pulled it
+    assert root.attributes["queue_worker.outcome"] == "completed"
+    dispatches = sorted((s for s in spans if s.name == "dispatch"), key=lambda s: s.start_ns)
+    assert [(d.attributes["queue_worker.worker_id"], d.attributes["queue_worker.why"])
+            for d in dispatches] == [("w1", "first"), ("w2", "second")]  # fmt: skip
+    assert dispatches[0].attributes["queue_worker.outcome"] == "interrupted"
+    [recovery] = [s for s in spans if s.name == "recovery"]
+    assert recovery.attributes["queue_worker.previous_worker_id"] == "w1"
+    assert await redis.get(w1.keys.traced("two-1")) is not None
+    assert [k async for k in redis.scan_iter(match=f"{{{prefix}}}:trace:*")] == []
+    assert (await redis.xpending(w1.keys.events, "tracing"))["pending"] == 0
+    await redis.aclose()
+
+
+async def test_a_task_handed_out_again_gets_a_second_trace_of_its_own(
+    redis_url: str, prefix: str
+) -> None:
+    """The queue took the task back (``lease_lost``): that ends its first trace. Handed
+    out again, it ends a second trace, of the entries after the first one only."""
+    redis = aioredis.Redis.from_url(redis_url)
+    store = EventStore(redis, Keys(prefix), "w")
+    exported: list[list[Any]] = []
+
+    async def export(spans: list[Any]) -> None:
+        exported.append(spans)
+
+    await redis.xgroup_create(store.keys.events, "tracing", id="0", mkstream=True)
+
+    def handout(n: int) -> list[ev.Event]:
+        task = ev.Task(eval_id="again-1", code="x", trace_id=GIVEN_TRACE)
+        return [
+            ev.TaskPulled(eval_id="again-1", pull_id=f"p{n}", task=task, code_bytes=1,
+                          queue=f"q{n}", trace_id=GIVEN_TRACE),
+            ev.TaskDispatched(eval_id="again-1", executor="x", attempt=1, timeout_s=1.0,
+                              trace_id=GIVEN_TRACE),
+        ]  # fmt: skip
+
+    await store.append(
+        *handout(1),
+        ev.TaskRecovered(eval_id="again-1", action="lease_lost", stage="dispatched",
+                         previous_attempt=1, trace_id=GIVEN_TRACE),
+        *handout(2),
+        ev.TaskCompleted(eval_id="again-1", executor="x", attempt=1, result={},
+                         duration_ms=1.0, trace_id=GIVEN_TRACE),
+        ev.TaskReported(eval_id="again-1", outcome="completed", http_status=200,
+                        trace_id=GIVEN_TRACE),
+    )  # fmt: skip
+
+    def roots() -> list[Any]:
+        return [s for spans in exported for s in spans if s.name == "evaluation"]
+
+    # One batch holds both endings, or the second comes after the first's mark.
+    for batch in (100, 1):
+        await redis.delete(store.keys.traced("again-1"))
+        await redis.xgroup_setid(store.keys.events, "tracing", "0")
+        exported.clear()
+        projector = SpanProjector(store, "tracing", f"c{batch}", export, batch=batch)
+        runner = asyncio.create_task(projector.run())
+        try:
+            await eventually(lambda: len(roots()) >= 2, timeout_s=10)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert len(exported) == (1 if batch > 1 else 2)
+        first, second = roots()
+        assert first.attributes["queue_worker.queue"] == "q1"
+        assert second.attributes["queue_worker.queue"] == "q2"
+        assert [sum(s.name == "dispatch" for s in spans) for spans in exported] == (
+            [2] if batch > 1 else [1, 1]
+        )
+        assert "queue_worker.outcome" not in first.attributes
+        assert second.attributes["queue_worker.outcome"] == "completed"
+    await redis.aclose()
+
+
+async def test_the_entries_read_per_trace_are_capped_the_first_one_stays(
     redis_url: str, prefix: str
 ) -> None:
     redis = aioredis.Redis.from_url(redis_url)
@@ -624,8 +757,10 @@ async def test_the_steps_kept_per_task_are_capped_the_first_one_stays(
                                       delay_ms=0.0, reason="r", error="e", trace_id=GIVEN_TRACE),
             )  # fmt: skip
         await eventually(lambda: projector.handled >= 13, timeout_s=10)
-        assert await redis.zcard(store.keys.trace_steps("long-1")) == 4
-        assert 0 < await redis.ttl(store.keys.trace_steps("long-1")) <= 7 * 24 * 3600
+        # Entries that do not end a task leave nothing in Redis: no copy of its steps.
+        assert [k async for k in redis.scan_iter(match=f"{{{prefix}}}:trace*")] == []
+        assert await redis.zcard(store.keys.task("long-1")) == 13  # the index has them
+        assert exported == []
         await store.append(ev.TaskFailed(eval_id="long-1", attempt=7, reason="r", error="e",
                                          trace_id=GIVEN_TRACE),
                            ev.TaskReported(eval_id="long-1", outcome="failed", http_status=200,
@@ -636,8 +771,12 @@ async def test_the_steps_kept_per_task_are_capped_the_first_one_stays(
         await asyncio.gather(runner, return_exceptions=True)
         await redis.aclose()
     [spans] = exported
-    assert spans[0].attributes["queue_worker.queue"] == "q"  # task.pulled was kept
-    assert len([s for s in spans if s.name == "dispatch"]) < 6  # the oldest went
+    assert spans[0].attributes["queue_worker.queue"] == "q"  # task.pulled was read
+    # The first entry and the latest 3 of 15: the last retry, the failure, the report.
+    names = Counter(s.name for s in spans)
+    assert (names["dispatch"], names["retry backoff"], names["report"]) == (0, 1, 1), names
+    [backoff] = [s for s in spans if s.name == "retry backoff"]
+    assert backoff.attributes["queue_worker.attempt"] == 7
     assert spans[0].attributes["queue_worker.outcome"] == "failed"
 
 

@@ -118,11 +118,6 @@ class Keys:
         """Where a result too large for the stream is kept in full."""
         return f"{{{self.prefix}}}:result:{eval_id}"
 
-    def trace_steps(self, eval_id: str) -> str:
-        """What the span projector kept of a task's entries until the task ends (a sorted
-        set of steps, scored by time)."""
-        return f"{{{self.prefix}}}:trace:{eval_id}"
-
     def traced(self, eval_id: str) -> str:
         """The id of the entry that ended a task whose spans were exported (the latest)."""
         return f"{{{self.prefix}}}:traced:{eval_id}"

@@ -1,8 +1,8 @@
 """A task's spans, built from its recorded events. Pure: no I/O, no clock.
 
-The span projector (``streams/tracing.py``) keeps, per task, a small summary of each of
-its entries (:func:`summarize`, :class:`Step`) and, when the task ends, turns them into
-spans (:func:`build`). Every span id is derived from the evaluation and a stream entry
+When a task ends, the span projector (``streams/tracing.py``) reads its entries (found
+in the task index), summarizes each (:func:`summarize`, :class:`Step`) and turns them
+into spans (:func:`build`). Every span id is derived from the evaluation and a stream entry
 (``tracecontext.span_id``), every time from a recorded ``ts``: the same entries give the
 same spans, in whichever replica and however often they are built.
 
@@ -57,9 +57,9 @@ TRACED_TYPES = frozenset(
 )
 
 
-class Step(msgspec.Struct, frozen=True, array_like=True):
-    """One entry of a task, as much of it as its spans need (kept in Redis until the task
-    ends). Built from the entry alone, so a re-delivered entry gives the same bytes."""
+class Step(msgspec.Struct, frozen=True):
+    """One entry of a task, as much of it as its spans need. Built from the entry alone,
+    so the same entry always gives the same step."""
 
     id: str
     ts: int  # ms
@@ -123,22 +123,6 @@ def summarize(entry: ev.Entry) -> Step | None:
     if isinstance(event, ev.TaskPulled):
         trace_id = trace_id or event.task.trace_id
     return Step(entry.id, entry.ts, event.type, entry.worker_id, trace_id, attrs)
-
-
-_step_encoder = msgspec.msgpack.Encoder()
-_step_decoder = msgspec.msgpack.Decoder(Step)
-
-
-def encode_step(step: Step) -> bytes:
-    return _step_encoder.encode(step)
-
-
-def decode_step(data: bytes) -> Step | None:
-    """A kept step; ``None`` for bytes that are not one (never an exception)."""
-    try:
-        return _step_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError):
-        return None
 
 
 def ends_task(step: Step) -> bool:

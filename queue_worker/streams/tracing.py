@@ -1,84 +1,51 @@
 """The span projector: each task's recorded history becomes its trace (OTLP/HTTP).
 
-Its own consumer group (``tracing``), off unless an OTLP endpoint is configured. For
-every entry of a task (``spans.TRACED_TYPES``) it keeps a small summary (a ``Step``) in
-``{<prefix>}:trace:<eval_id>``: a sorted set, so a re-delivered entry adds nothing,
-capped at ``steps_max`` steps per task (the first and the latest are kept), with a TTL
-so the history of a task that never ends goes. When the task ends (``task.reported``, or
-``task.recovered`` with ``lease_lost``) its spans are built (``spans.build``) and
-exported; then the ending entry's id becomes the task's mark,
-``{<prefix>}:traced:<eval_id>``, and the batch is acknowledged. A re-delivered entry at
-or below that mark is neither kept nor exported again. An export that fails raises: the
-batch stays pending, is retried through the claim and dead-lettered after
-``max_deliveries`` like any projector's.
+Its own consumer group (``tracing``), off unless an OTLP endpoint is configured. It
+waits for the entries that end a task (``task.reported``, or ``task.recovered`` with
+``lease_lost``: ``spans.ends_task``); every other entry is just acknowledged, with no
+Redis work of its own. When a task ends, its entries are found in the task index
+(``{<prefix>}:task:<eval_id>``, written by the append script in the same call as the
+entry, so it is never behind the stream: ``index.py``), read from the stream (one
+pipelined ``XRANGE id id`` each; an entry trimmed away is missing), summarized
+(``spans.summarize``) and its spans built (``spans.build``) and exported. At most
+``steps_max`` entries per trace are read: the first and the latest. Then the ending
+entry's id becomes the task's mark, ``{<prefix>}:traced:<eval_id>``, and the batch is
+acknowledged. An ending at or below that mark (a re-delivery) is not exported again,
+and a later trace of the same task (handed out again after a ``lease_lost``) starts
+after it. An export that fails raises: the batch stays pending, is retried through the
+claim and dead-lettered after ``max_deliveries`` like any projector's.
 
-Because the spans come from the stream, a task recovered after a crash or taken over by
-another replica still gets one trace: its entries are all in the stream, whoever wrote
-them. Replicas share the group, so a task's entries may be spread over their batches:
-when it ends, those still pending elsewhere in the group (not kept yet) are read from the
-stream as well (``_unkept``).
+Because the spans come from the index and the stream, a task recovered after a crash,
+or whose entries were written by several replicas, gets one whole trace, whichever
+replica reads its ending. When the append script could not write the index
+(``index_writes_refused``), the trace is built from the entries the index has.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 
-from queue_worker.streams.entries import LUA_NEWER, id_key
+from queue_worker.streams.entries import id_key
 from queue_worker.streams.projector import Batch, GroupProjector
-from queue_worker.streams.spans import (
-    TRACED_TYPES,
-    SpanData,
-    Step,
-    build,
-    decode_step,
-    encode_step,
-    ends_task,
-    summarize,
-)
+from queue_worker.streams.spans import TRACED_TYPES, SpanData, Step, build, ends_task, summarize
 from queue_worker.streams.store import EventStore
 
 log = structlog.get_logger(__name__)
 
-STEPS_MAX = 256  # steps kept per task (a task retried and throttled a great many times)
-STEPS_TTL_S = 7 * 24 * 3600  # a task that never ends: its steps go after this long
+STEPS_MAX = 256  # entries read per trace (a task retried and throttled a great many times)
+MARK_TTL_S = 7 * 24 * 3600  # how long a task's ``traced`` mark stays
 EXPORT_TIMEOUT_S = 10.0
 # Spans are not urgent: after a batch, wait this long so the next one is larger (fewer
 # exports, one HTTP request each). The group projectors' default is 10 ms.
 LINGER_MS = 200.0
-PENDING_LOOK = 512  # entries pending elsewhere in the group looked at for a batch's endings
+# The only entry types that can end a task (``spans.ends_task``): the others need no work.
+_ENDING_TYPES = frozenset({"task.reported", "task.recovered"})
 
 Export = Callable[[list[SpanData]], Awaitable[None]]  # raises when the spans did not go
-
-# Keeps steps: ARGV[1] = key tag, ARGV[2] = steps kept per task, ARGV[3] = TTL (s), then
-# per step: eval_id, entry id, ms, the encoded step. A step at or below the task's
-# ``traced`` mark (the ending whose spans went) was part of an exported trace: a
-# re-delivery, not kept again. (Only commands of the documented ACL user: README.)
-KEEP = (
-    LUA_NEWER
-    + """
-local tag, most, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 4, #ARGV, 4 do
-  local eval_id, id, ms, step = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
-  local done = redis.call('GET', tag .. 'traced:' .. eval_id)
-  if not done or newer(id, done) then
-    local key = tag .. 'trace:' .. eval_id
-    redis.call('ZADD', key, ms, step)
-    local n = redis.call('ZCARD', key)
-    if n > most then  -- the first step stays, the oldest after it go
-      local gone = redis.call('ZRANGE', key, 1, n - most)
-      redis.call('ZREM', key, unpack(gone))
-    end
-    redis.call('PEXPIRE', key, ttl * 1000)
-  end
-end
-return 0
-"""
-)
 
 
 class ExportFailed(Exception):
@@ -97,7 +64,7 @@ class SpanProjector(GroupProjector):
         export: Export,
         *,
         steps_max: int = STEPS_MAX,
-        steps_ttl_s: int = STEPS_TTL_S,
+        mark_ttl_s: int = MARK_TTL_S,
         export_timeout_s: float = EXPORT_TIMEOUT_S,
         linger_ms: float = LINGER_MS,
         on_nogroup: Callable[[], Awaitable[str]] | None = None,
@@ -108,14 +75,13 @@ class SpanProjector(GroupProjector):
             store, group, consumer, linger_ms=linger_ms, on_nogroup=on_nogroup, **kwargs
         )
         self.export = export
-        self.steps_max = steps_max
-        self.steps_ttl_s = steps_ttl_s
+        self.steps_max = max(2, steps_max)
+        self.mark_ttl_s = mark_ttl_s
         self.export_timeout_s = export_timeout_s
         self.traces_exported = 0
         self.spans_exported = 0
         self.repeats_skipped = 0  # endings delivered again after their spans went
         self.export_errors = 0
-        self._keep_script = cast(aioredis.Redis, store.redis).register_script(KEEP)
 
     async def ensure_group(self, start_id: str = "$") -> None:
         """Created at the stream's end: turning tracing on does not export the whole
@@ -123,82 +89,65 @@ class SpanProjector(GroupProjector):
         await super().ensure_group(start_id)
 
     async def handle(self, batch: Batch) -> None:
-        steps: list[tuple[str, Step]] = []
+        endings: dict[str, list[Step]] = {}  # per task, its endings in the batch
         for _, entry in batch:
-            step = None if entry is None else summarize(entry)
-            if entry is not None and step is not None:
-                steps.append((entry.event.eval_id_or_empty, step))
-        if steps:
-            await self._keep(steps)
-        endings = [(eval_id, step) for eval_id, step in steps if ends_task(step)]
+            if entry is None or entry.event.type not in _ENDING_TYPES:
+                continue  # needs nothing: the index holds it for when its task ends
+            step = summarize(entry)
+            if step is not None and ends_task(step):
+                endings.setdefault(entry.event.eval_id_or_empty, []).append(step)
         if endings:
-            await self._finish(endings, {entry_id for entry_id, _ in batch})
+            await self._finish(endings)
         await self.ack([entry_id for entry_id, _ in batch])
 
-    async def _keep(self, steps: list[tuple[str, Step]]) -> None:
-        args: list[Any] = [self.store.keys.tag, self.steps_max, self.steps_ttl_s]
-        for eval_id, step in steps:
-            args += [eval_id, step.id, step.ts, encode_step(step)]
-        await self._keep_script(keys=[self.store.keys.trace_steps(steps[0][0])], args=args)
-
-    async def _unkept(
-        self, endings: list[tuple[str, Step]], mine: set[str]
-    ) -> list[tuple[str, Step]]:
-        """The steps of the ending tasks in entries still pending in the group, below the
-        endings, outside this batch: entries another replica (or an earlier, failed batch)
-        holds, not kept yet. With several replicas sharing the group, a task's entries are
-        spread over their batches: without these its trace would miss some."""
-        upto = max((step.id for _, step in endings), key=id_key)
-        pending = await self.redis.xpending_range(
-            self.stream, self.group, min="-", max=upto, count=len(mine) + PENDING_LOOK
-        )
-        ids = [_text(p["message_id"]) for p in pending]
-        others = [i for i in ids if i not in mine]
-        if not others:
-            return []
-        ending = {eval_id for eval_id, _ in endings}
-        found = []
-        for entry in await self.store.read_ids(others):
-            step = summarize(entry)
-            if step is not None and (eval_id := entry.event.eval_id_or_empty) in ending:
-                found.append((eval_id, step))
-        return found
-
-    async def _finish(self, endings: list[tuple[str, Step]], mine: set[str]) -> None:
-        """Build and export the spans of the tasks that ended (those not exported before),
-        then mark them exported and drop their steps."""
+    async def _finish(self, endings: dict[str, list[Step]]) -> None:
+        """Build and export the spans of the tasks that ended (those not exported
+        before), then mark them exported."""
         keys, redis = self.store.keys, self.redis
-        unkept: dict[str, list[Step]] = {}
-        for eval_id, step in await self._unkept(endings, mine):
-            unkept.setdefault(eval_id, []).append(step)
+        tasks = list(endings)
+        async with redis.pipeline(transaction=False) as pipe:  # one round trip for all
+            for eval_id in tasks:
+                pipe.get(keys.traced(eval_id))
+                pipe.zrange(keys.task(eval_id), 0, -1)
+            found = await pipe.execute()
+        wanted: list[tuple[str, Step, list[str]]] = []  # per trace: its entries' ids
+        for i, eval_id in enumerate(tasks):
+            mark, indexed = found[2 * i], found[2 * i + 1]
+            since = id_key(mark.decode()) if mark is not None else None
+            ids = sorted((_text(raw) for raw in indexed), key=id_key)
+            for ending in sorted(endings[eval_id], key=lambda s: id_key(s.id)):
+                upto = id_key(ending.id)
+                if since is not None and upto <= since:
+                    self.repeats_skipped += 1  # its spans went before
+                    continue
+                # Entries after the ending belong to a later handout of the same task,
+                # those at or below the mark to an earlier one (its trace went).
+                mine = [
+                    x for x in ids if (since is None or id_key(x) > since) and id_key(x) <= upto
+                ]
+                if len(mine) > self.steps_max:  # the first and the latest
+                    mine = [mine[0], *mine[len(mine) - self.steps_max + 1 :]]
+                wanted.append((eval_id, ending, mine))
+                since = upto
+        if not wanted:
+            return
+        read = {
+            e.id: e for e in await self.store.read_ids([x for _, _, ids in wanted for x in ids])
+        }
         spans: list[SpanData] = []
         traces = 0
-        done: list[tuple[str, Step, list[bytes]]] = []
-        async with redis.pipeline(transaction=False) as pipe:  # one round trip for all
-            for eval_id, _ in endings:
-                pipe.get(keys.traced(eval_id))
-                pipe.zrange(keys.trace_steps(eval_id), 0, -1)
-            found = await pipe.execute()
-        for i, (eval_id, ending) in enumerate(endings):
-            mark, kept = found[2 * i], found[2 * i + 1]
-            if mark is not None and id_key(ending.id) <= id_key(mark.decode()):
-                self.repeats_skipped += 1  # its spans went before
-                continue
-            used: list[bytes] = []
-            steps: list[Step] = []
-            for raw in kept:
-                one = decode_step(raw)
-                # Steps after the ending belong to a later handout of the same task.
-                if one is None or id_key(one.id) <= id_key(ending.id):
-                    used.append(raw)
-                    if one is not None:
-                        steps.append(one)
-            later = [u for u in unkept.get(eval_id, ()) if id_key(u.id) <= id_key(ending.id)]
-            built = build(eval_id, [*steps, *later, ending])
+        for eval_id, ending, ids in wanted:
+            steps = [ending]  # in the trace even when the index lacks it
+            entries = [read[x] for x in ids if x in read]  # trimmed away: missing
+            steps += [
+                step
+                for entry in entries
+                if entry.event.eval_id_or_empty == eval_id and (step := summarize(entry))
+            ]
+            built = build(eval_id, steps)
             if built and built[0].sampled:
                 spans += built
                 traces += 1
-            done.append((eval_id, ending, used))
         if spans:
             try:
                 await asyncio.wait_for(self.export(spans), self.export_timeout_s)
@@ -207,13 +156,11 @@ class SpanProjector(GroupProjector):
                 raise ExportFailed(f"{len(spans)} spans not exported: {exc!r}"[:300]) from exc
             self.spans_exported += len(spans)
             self.traces_exported += traces
-        if done:
-            async with redis.pipeline(transaction=False) as pipe:
-                for eval_id, ending, used in done:
-                    pipe.set(keys.traced(eval_id), ending.id, ex=self.steps_ttl_s)
-                    if used:
-                        pipe.zrem(keys.trace_steps(eval_id), *used)
-                await pipe.execute()
+        last = {eval_id: ending.id for eval_id, ending, _ in wanted}  # in id order per task
+        async with redis.pipeline(transaction=False) as pipe:
+            for eval_id, ending_id in last.items():
+                pipe.set(keys.traced(eval_id), ending_id, ex=self.mark_ttl_s)
+            await pipe.execute()
 
 
 class OtlpExporter:
