@@ -239,7 +239,10 @@ async def test_one_trace_per_evaluation_with_its_structure(
         trace_id = spans[0].trace_id
         assert len(traces[trace_id]) == len(spans)
         [root] = by_name(spans, "evaluation")
-        assert root.span_id == root_span_id(eval_id, trace_id)
+        [pulled] = [
+            e for e in entries if isinstance(e.event, ev.TaskPulled) and e.event.eval_id == eval_id
+        ]
+        assert root.span_id == root_span_id(eval_id, trace_id, pulled.id)
         assert root.attributes["queue_worker.outcome"] == "completed"
         assert root.attributes["queue_worker.worker_id"] == "test-worker"
         assert root.resource["service.name"] == "qw-test"
@@ -720,6 +723,7 @@ async def test_a_task_handed_out_again_gets_a_second_trace_of_its_own(
             await asyncio.gather(runner, return_exceptions=True)
         assert len(exported) == (1 if batch > 1 else 2)
         first, second = roots()
+        assert first.span_id != second.span_id  # one trace id, two roots
         assert first.attributes["queue_worker.queue"] == "q1"
         assert second.attributes["queue_worker.queue"] == "q2"
         assert [sum(s.name == "dispatch" for s in spans) for spans in exported] == (

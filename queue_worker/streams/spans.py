@@ -181,7 +181,7 @@ def build(eval_id: str, steps: list[Step]) -> list[SpanData]:
             parent = None
         if parent is not None and parent.trace_id == trace_id:
             parent_id, sampled = parent.parent_id, bool(int(parent.flags, 16) & 1)
-    root_id = root_span_id(eval_id, trace_id)
+    root_id = root_span_id(eval_id, trace_id, pulled.id if pulled is not None else None)
     root = SpanData(
         "evaluation",
         trace_id,

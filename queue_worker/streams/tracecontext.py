@@ -88,9 +88,14 @@ def span_id(eval_id: str, entry_id: str, kind: str = "") -> str:
     return digest if digest != ZERO_SPAN else "0" * 15 + "1"
 
 
-def root_span_id(eval_id: str, trace_id: str) -> str:
-    """The id of the evaluation's root span: the same in every replica and every run."""
-    return span_id(eval_id, trace_id, "evaluation")
+def root_span_id(eval_id: str, trace_id: str, handout: str | None = None) -> str:
+    """The id of the evaluation's root span: the same in every replica and every run.
+    ``handout``, the id of the ``task.pulled`` entry the trace starts with, tells apart
+    the traces of a task the queue handed out again (after ``lease_lost``): they share
+    the task's trace id."""
+    if handout is None:
+        return span_id(eval_id, trace_id, "evaluation")
+    return span_id(eval_id, f"{trace_id}/{handout}", "evaluation")
 
 
 def traceparent(trace_id: str, parent_id: str, sampled: bool = True) -> str:
