@@ -17,10 +17,19 @@ outcomes a second time (docs/OPERATIONS.md, "Upgrading to the outcome stream"). 
   start (it pulls, recovers and takes over nothing), the earlier version's groups are
   not handed over, and ``/health`` names the workers (:meth:`FormatGuard.problem`).
 
-Once clear it stops looking: a ``SCAN`` walks the whole key space (every task's index
-keys too), not something to repeat for ever. A worker of an earlier version started
-after that is not noticed. On a Redis Cluster the scan asks every primary (redis-py's
-``scan_iter``); the deployment's keys are all on its hash tag's shard.
+Once clear it stops scanning: a ``SCAN`` walks the whole key space (every task's index
+keys too), not something to repeat for ever. It watches the folded status view instead
+(:meth:`FormatGuard.watch`): every worker, the earlier version included, appends
+``worker.started``, whose ``stream_format`` (absent from the earlier version's: 1) the
+view keeps per worker. A running worker of another format there is asked about (one
+``MGET`` of those workers' liveness keys) when that set changes, then every
+``HEARTBEAT_INTERVAL_S`` while it is not empty; one whose key exists is in
+:attr:`FormatGuard.peers` again: the router pulls nothing (``Router.pull_blocked``), the
+tasks in flight finish, ``/health`` names it, and all goes on once its key is gone or it
+recorded ``worker.stopped``. :attr:`FormatGuard.clear` stays set: nothing of the start
+(the hand-over of the earlier version's groups) is done again. On a Redis Cluster the
+scan asks every primary (redis-py's ``scan_iter``); the deployment's keys are all on its
+hash tag's shard.
 
 An ACL user without ``+scan`` (the README's line before this version) does not stop the
 worker: it looks at the liveness keys of the workers the event stream names instead
