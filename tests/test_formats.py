@@ -5,17 +5,23 @@ real Redis with the devstack queue and executors."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from queue_worker import __version__
+from queue_worker.http.state import STATUS
 from queue_worker.router.formats import FormatGuard, Peer, peer_of
+from queue_worker.streams.checkpoint import Checkpoint
 from queue_worker.streams.connection import open_redis
+from queue_worker.streams.fleet_events import WorkerStarted
 from queue_worker.streams.keys import STREAM_FORMAT, Keys
 from queue_worker.streams.store import EventStore
+from queue_worker.streams.views import StatusView, WorkerView
 from tests.harness import Stack, eventually
 
 LEGACY_GROUPS = {"publisher", "reporter", "index"}  # what format 1 read on the main stream
@@ -139,6 +145,92 @@ async def test_a_peer_recorded_with_another_format_holds_a_worker_back(
     # Its key expires (it was stopped without a clean stop): this worker goes on.
     await redis.pexpire(keys.alive("later-1"), 1)
     await stack.wait_terminal(2, timeout_s=30)
+
+
+def _earlier_worker_started(worker_id: str, executors: list[str]) -> dict[str, Any]:
+    """A ``worker.started`` entry's fields as the earlier version (0.1.x) wrote them:
+    no generation, and no ``stream_format`` in its data."""
+    data = {"type": "worker.started", "v": 1, "version": "0.1.0", "executors": executors,
+            "strategy": "least_loaded", "capacity": 2}  # fmt: skip
+    return {"type": "worker.started", "eval_id": "", "worker_id": worker_id,
+            "ts": str(int(time.time() * 1000)), "data": msgspec.json.encode(data)}  # fmt: skip
+
+
+async def test_a_worker_of_the_earlier_version_started_later_stops_the_pulling(
+    stack_factory: Any,
+) -> None:
+    stack: Stack = await stack_factory(start_worker=False)
+    keys, redis = stack.store.keys, stack.redis
+    await stack.start_worker(**FAST)
+    await stack.enqueue_many(2, prefix="before")
+    await stack.wait_terminal(2, timeout_s=30)  # working, the start-up look long clear
+    # A worker of the earlier version starts: its liveness key, then its worker.started.
+    await redis.set(keys.alive("old-late"), "0.1.0", px=60_000)
+    await redis.xadd(keys.events, _earlier_worker_started("old-late", ["http://x"]))  # type: ignore[arg-type]
+    started = [e for e in await stack.entries() if e.worker_id == "old-late"]
+    assert [e.event.type for e in started] == ["worker.started"]
+    assert isinstance(started[0].event, WorkerStarted) and started[0].event.stream_format == 1
+
+    async def waiting() -> Any:
+        status, body = await _health(stack)
+        reasons = [r for r in body["reasons"] if "incompatible version" in r]
+        return reasons[0] if status == 503 and reasons else None
+
+    reason = await eventually(waiting, timeout_s=10)
+    assert "old-late (0.1.0, stream format 1)" in reason and "stop them" in reason
+    live_status, live = await stack.get_json("/health/live")
+    assert (live_status, live["status"]) == (200, "alive")
+    # A long poll asked before it was seen may still bring a task: let it end first.
+    await asyncio.sleep(stack.settings.queue_wait_s + 0.5)
+    await stack.enqueue_many(3, prefix="after")
+    await asyncio.sleep(1.5)
+    assert stack.queue_state.stats()["queued"] == 3
+    assert (await _health(stack))[0] == 503
+    # Its key goes (it stopped, or it died): this worker goes on by itself.
+    await redis.delete(keys.alive("old-late"))
+    await stack.wait_terminal(5, timeout_s=30)
+
+    async def healthy() -> bool:
+        status, body = await _health(stack)
+        return status == 200 and not body["reasons"]
+
+    await eventually(healthy)
+    starts = [e for e in await stack.entries() if e.event.type == "worker.started"]
+    assert len(starts) == 2  # not started again (nor the hand-over run again)
+
+
+async def test_a_peer_of_this_format_started_later_does_not_stop_the_pulling(
+    stack_factory: Any,
+) -> None:
+    stack: Stack = await stack_factory(start_worker=False)
+    keys, redis = stack.store.keys, stack.redis
+    worker = await stack.start_worker(**FAST)
+    await stack.enqueue_many(2, prefix="before")
+    await stack.wait_terminal(2, timeout_s=30)
+    await redis.set(keys.alive("peer-late"), "4", px=60_000)
+    peer = EventStore(redis, keys, "peer-late")
+    await peer.append(WorkerStarted(version=__version__, executors=[], strategy="least_loaded",
+                                    capacity=2, stream_format=STREAM_FORMAT))  # fmt: skip
+    view = worker.app[STATUS].view
+    await eventually(lambda: "peer-late" in view.workers)
+    workers = view.workers
+    assert workers["peer-late"].stream_format == STREAM_FORMAT
+    assert workers[stack.settings.worker_id].stream_format == STREAM_FORMAT  # written by it
+    await stack.enqueue_many(3, prefix="after")
+    await stack.wait_terminal(5, timeout_s=30)
+    _, body = await _health(stack)
+    assert not [r for r in body["reasons"] if "incompatible" in r]
+
+
+def test_a_checkpoint_from_before_stream_format_loads_as_format_1() -> None:
+    view = StatusView()
+    view.workers["old"] = WorkerView(version="0.1.0", running=True, stream_format=7)
+    view.last_id = "1-0"
+    raw = msgspec.msgpack.decode(msgspec.msgpack.encode(Checkpoint(1, "1-0", view)))
+    del raw["view"]["workers"]["old"]["stream_format"]  # as a checkpoint saved before it
+    loaded = msgspec.msgpack.Decoder(Checkpoint).decode(msgspec.msgpack.encode(raw))
+    assert loaded.view.workers["old"].stream_format == 1
+    assert loaded.view.workers["old"].version == "0.1.0"
 
 
 @pytest.mark.parametrize("on", ["single", "cluster"])

@@ -190,8 +190,12 @@ async def liveness_ctx(app: web.Application) -> AsyncIterator[None]:
     # Workers of another stream format (an earlier version): until none is alive, the
     # router does not start and their groups are not handed over (router/formats.py).
     # It looks once the status projector exists (status_ctx): without +scan it asks it.
+    # Once clear, it watches the status view for such workers that start later.
     app[FORMATS] = FormatGuard(
-        app[STORE], interval_s=settings.heartbeat_interval_s, known=lambda: _named(app)
+        app[STORE],
+        interval_s=settings.heartbeat_interval_s,
+        known=lambda: _named(app),
+        view=lambda: app[STATUS].view,
     )
     yield
     await app[SUPERVISOR].stop("heartbeat")
@@ -366,7 +370,7 @@ async def router_ctx(app: web.Application) -> AsyncIterator[None]:
         liveness=app[LIVENESS],
         folded=app[STATUS].wait_folded,
         replayed=app[STATUS].replayed,
-        alone=app[FORMATS].clear,
+        formats=app[FORMATS],
     )
     app[ROUTER] = router
     running = app[SUPERVISOR].start("pull", router.run)

@@ -17,10 +17,19 @@ outcomes a second time (docs/OPERATIONS.md, "Upgrading to the outcome stream"). 
   start (it pulls, recovers and takes over nothing), the earlier version's groups are
   not handed over, and ``/health`` names the workers (:meth:`FormatGuard.problem`).
 
-Once clear it stops looking: a ``SCAN`` walks the whole key space (every task's index
-keys too), not something to repeat for ever. A worker of an earlier version started
-after that is not noticed. On a Redis Cluster the scan asks every primary (redis-py's
-``scan_iter``); the deployment's keys are all on its hash tag's shard.
+Once clear it stops scanning: a ``SCAN`` walks the whole key space (every task's index
+keys too), not something to repeat for ever. It watches the folded status view instead
+(:meth:`FormatGuard.watch`): every worker, the earlier version included, appends
+``worker.started``, whose ``stream_format`` (absent from the earlier version's: 1) the
+view keeps per worker. A running worker of another format there is asked about (one
+``MGET`` of those workers' liveness keys) when that set changes, then every
+``HEARTBEAT_INTERVAL_S`` while it is not empty; one whose key exists is in
+:attr:`FormatGuard.peers` again: the router pulls nothing (``Router.pull_blocked``), the
+tasks in flight finish, ``/health`` names it, and all goes on once its key is gone or it
+recorded ``worker.stopped``. :attr:`FormatGuard.clear` stays set: nothing of the start
+(the hand-over of the earlier version's groups) is done again. On a Redis Cluster the
+scan asks every primary (redis-py's ``scan_iter``); the deployment's keys are all on its
+hash tag's shard.
 
 An ACL user without ``+scan`` (the README's line before this version) does not stop the
 worker: it looks at the liveness keys of the workers the event stream names instead
@@ -31,7 +40,8 @@ misses only a worker of the earlier version whose every entry was trimmed away.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -39,11 +49,13 @@ import structlog
 from queue_worker.streams.connection import REDIS_ERRORS, denied, transient
 from queue_worker.streams.keys import STREAM_FORMAT
 from queue_worker.streams.store import EventStore
+from queue_worker.streams.views import StatusView, WorkerView
 
 log = structlog.get_logger(__name__)
 
 SCAN_COUNT = 10_000  # keys a SCAN call looks at (the whole key space is walked once)
 SHOWN_PEERS = 10  # workers named in /health's reason (and how many more there are)
+WATCH_POLL_S = 0.1  # how often the folded view is looked at once clear (no Redis call)
 UPGRADING = 'docs/OPERATIONS.md, "Upgrading to the outcome stream"'
 
 
@@ -83,9 +95,14 @@ class FormatGuard:
         *,
         interval_s: float,
         known: Callable[[], Awaitable[Collection[str]]] | None = None,
+        view: Callable[[], StatusView] | None = None,
+        poll_s: float = WATCH_POLL_S,
     ) -> None:
         self.store = store
         self.known = known  # the workers the stream names, when SCAN is not permitted
+        self.view = view  # the folded status view, watched once clear
+        self.poll_s = poll_s
+        self.watched: frozenset[tuple[str, int | None]] = frozenset()  # (id, started_ts)
         self.scan_denied: str | None = None
         self.keys = store.keys
         self.worker_id = store.worker_id
@@ -97,7 +114,7 @@ class FormatGuard:
 
     def problem(self) -> str | None:
         """Why this worker waits, for ``/health``; ``None`` once it does not."""
-        if self.clear.is_set():
+        if self.clear.is_set() and not self.peers:
             return None
         if not self.checked:
             looking = "looking for live workers of another stream format (nothing is pulled"
@@ -164,6 +181,13 @@ class FormatGuard:
             self.error = str(exc)
             return False
         self.error = None
+        self._found(peers)
+        if not peers:
+            self.clear.set()
+        return not peers
+
+    def _found(self, peers: tuple[Peer, ...]) -> None:
+        """Keep what a look found (logged when it changes)."""
         if peers != self.peers or not self.checked:
             if peers:
                 log.warning(
@@ -174,13 +198,55 @@ class FormatGuard:
             elif self.checked:
                 log.warning("incompatible_workers_gone")
         self.peers, self.checked = peers, True
-        if not peers:
-            self.clear.set()
-        return not peers
 
     async def run(self) -> None:
-        """Look at once, then every ``interval_s`` until none is found."""
-        while True:
+        """Look at once, then every ``interval_s`` until none is found; then watch the
+        workers that start (:meth:`watch`)."""
+        while not self.clear.is_set():
             if await self.check():
-                return
+                break
             await asyncio.sleep(self.interval_s)
+        if self.view is not None:
+            await self.watch(self.view)
+
+    async def watch(self, view: Callable[[], StatusView]) -> None:
+        """Once clear, find the workers of another format that start later from the
+        status view, every ``poll_s``: those whose ``worker.started`` names another stream
+        format and which have not stopped. Whether each is alive is asked of Redis (one
+        ``MGET`` of their liveness keys) when that set changes, then every ``interval_s``
+        while it is not empty; those alive are :attr:`peers` (pulling stops, ``/health``
+        names them) until their keys are gone or they record ``worker.stopped``."""
+        due = 0.0
+        while True:
+            workers = view().workers
+            watched = frozenset(
+                (worker_id, w.started_ts)
+                for worker_id, w in workers.items()
+                if w.running and w.stream_format != STREAM_FORMAT and worker_id != self.worker_id
+            )
+            now = time.monotonic()
+            if watched != self.watched or (watched and now >= due):
+                self.watched, due = watched, now + self.interval_s
+                try:
+                    self._found(await self._alive(sorted(watched), workers))
+                except REDIS_ERRORS as exc:
+                    if not (transient(exc) or denied(exc)):
+                        raise
+                    log.warning("format_check_failed", error=str(exc))  # asked again later
+            await asyncio.sleep(self.poll_s)
+
+    async def _alive(
+        self, watched: list[tuple[str, int | None]], workers: Mapping[str, WorkerView]
+    ) -> tuple[Peer, ...]:
+        if not watched:
+            return ()
+        ids = [worker_id for worker_id, _ in watched]
+        values = await self.store.redis.mget([self.keys.alive(worker_id) for worker_id in ids])
+        return tuple(
+            sorted(
+                Peer(worker_id, workers[worker_id].stream_format, version or "unknown")
+                for worker_id, value in zip(ids, values, strict=True)
+                if value is not None and worker_id in workers
+                for version in [workers[worker_id].version]
+            )
+        )

@@ -32,6 +32,7 @@ from queue_worker.router.balancer import make_balancer
 from queue_worker.router.discovery import DiscoveryError, Resolver, StaticDiscovery, discovery_for
 from queue_worker.router.executors import ExecutorPool
 from queue_worker.router.fleet import SharedRate, SharedSlots
+from queue_worker.router.formats import FormatGuard
 from queue_worker.router.inflight import InFlightRegistry
 from queue_worker.router.leases import keep_leases
 from queue_worker.router.liveness import Liveness
@@ -42,6 +43,7 @@ from queue_worker.router.selection import SLOT_POLL_S, Selector
 from queue_worker.streams import events as ev
 from queue_worker.streams.budget import RetryBudget
 from queue_worker.streams.connection import RedisTls
+from queue_worker.streams.keys import STREAM_FORMAT
 from queue_worker.streams.store import RECORDING_ERRORS, EventStore
 from queue_worker.streams.views import StatusView
 from queue_worker.supervisor import LoopFactory, Supervisor
@@ -100,14 +102,14 @@ class Router:
         liveness: Liveness | None = None,
         folded: Callable[[str, float], Awaitable[None]] | None = None,
         replayed: asyncio.Event | None = None,
-        alone: asyncio.Event | None = None,
+        formats: FormatGuard | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.view = view
         self.replayed = replayed
-        # Set once no worker of another stream format is alive (``formats.py``).
-        self.alone = alone
+        # Whether a worker of another stream format is alive (``formats.py``).
+        self.formats = formats
         self.supervisor = supervisor or Supervisor()
         self.liveness = liveness
         self.discovery = discovery_for(settings, resolver)
@@ -213,6 +215,8 @@ class Router:
             return "fenced: the liveness key is not being refreshed"
         if (pause := control.pause_of(self.view, self.settings.worker_id)) is not None:
             return f"paused by {pause.by}: {pause.reason}"
+        if self.formats is not None and (problem := self.formats.problem()) is not None:
+            return problem  # a worker of another stream format started since
         return None
 
     # --- lifecycle -----------------------------------------------------------
@@ -226,8 +230,8 @@ class Router:
         if not self._started:
             if self.replayed is not None:  # recovery and the pull gate read the folded view
                 await self.replayed.wait()
-            if self.alone is not None:  # beside an earlier version, no outcome may be made
-                await self.alone.wait()
+            if self.formats is not None:  # beside an earlier version, no outcome may be made
+                await self.formats.clear.wait()
             await self._start()
             self._started = True
         await self._pull_loop()
@@ -250,6 +254,7 @@ class Router:
                 capacity=self.settings.executor_capacity,
                 discovery=self.discovery.name,
                 queues=[q.url for q in self.puller.queues],
+                stream_format=STREAM_FORMAT,
             )
         )
         self.pool.monitor.start(

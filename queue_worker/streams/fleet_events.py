@@ -13,7 +13,10 @@ class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
     """A worker process started: its version, executors, strategy and capacity.
 
     ``discovery`` names where the executors come from (``compose``, ``list``, ``dns``);
-    ``queues`` are the queues it pulls from, highest priority first.
+    ``queues`` are the queues it pulls from, highest priority first. ``stream_format``
+    is the stream format it reads and writes (``STREAM_FORMAT``); the earlier version
+    (0.1.x) did not write it, and its entries read as format 1. A worker that sees a live
+    worker of another format start stops pulling until it is gone (``router/formats.py``).
     """
 
     version: str
@@ -22,6 +25,7 @@ class WorkerStarted(Event, frozen=True, kw_only=True, tag="worker.started"):
     capacity: int
     discovery: str = "compose"
     queues: list[str] = msgspec.field(default_factory=list)
+    stream_format: int = 1
 
 
 class WorkerStopped(Event, frozen=True, kw_only=True, tag="worker.stopped"):

@@ -50,6 +50,7 @@ class WorkerView(msgspec.Struct):
     stopped_ts: int | None = None
     version: str | None = None
     running: bool = False
+    stream_format: int = 1  # as its worker.started says (an earlier version's: 1)
     counters: Counters = msgspec.field(default_factory=Counters)
     open_pull: str | None = None
     queue_reachable: bool = True  # every queue (QUEUE_SERVICE_URLS) is reachable
@@ -216,6 +217,7 @@ def apply(view: StatusView, entry: Entry) -> StatusView:
     match e:
         case ev.WorkerStarted():
             w.started_ts, w.stopped_ts, w.version, w.running = entry.ts, None, e.version, True
+            w.stream_format = e.stream_format
             for url in e.executors:
                 _executor(view, url)
         case ev.WorkerStopped():
