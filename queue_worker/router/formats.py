@@ -238,15 +238,18 @@ class FormatGuard:
     async def _alive(
         self, watched: list[tuple[str, int | None]], workers: Mapping[str, WorkerView]
     ) -> tuple[Peer, ...]:
-        if not watched:
+        """Those of ``watched`` alive now, by their liveness key and recorded format (as
+        at start: :func:`peer_of`, so a worker the view mistakes for another format, say
+        from a ``worker.started`` trimmed away, is not taken for one)."""
+        ids = [worker_id for worker_id, _ in watched if worker_id in workers]
+        if not ids:
             return ()
-        ids = [worker_id for worker_id, _ in watched]
-        values = await self.store.redis.mget([self.keys.alive(worker_id) for worker_id in ids])
-        return tuple(
-            sorted(
-                Peer(worker_id, workers[worker_id].stream_format, version or "unknown")
-                for worker_id, value in zip(ids, values, strict=True)
-                if value is not None and worker_id in workers
-                for version in [workers[worker_id].version]
-            )
+        redis, keys = self.store.redis, self.keys
+        values = await redis.mget([keys.alive(worker_id) for worker_id in ids])
+        recorded = await redis.hmget(keys.formats, ids)  # type: ignore[misc]
+        peers = (
+            peer_of(worker_id, value, fmt)
+            for worker_id, value, fmt in zip(ids, values, recorded, strict=True)
+            if value is not None
         )
+        return tuple(sorted(p for p in peers if p is not None))
