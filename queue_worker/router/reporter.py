@@ -62,18 +62,14 @@ class Reporter(GroupProjector):
         trace_id = getattr(event, "trace_id", None)
         headers = trace_headers(trace_id, span_id(event.eval_id_or_empty, entry_id, "report"))
         match event:
-            case ev.TaskCompleted(truncated=False):
-                queue = self.queues.get(event.queue)
-                status, already = await queue.complete(event.eval_id, event.result, headers)
-                return ev.TaskReported(
-                    eval_id=event.eval_id, outcome="completed", http_status=status,
-                    already=already, trace_id=trace_id,
-                )  # fmt: skip
             case ev.TaskCompleted():
                 queue = self.queues.get(event.queue)
-                async with self._full_results:
-                    output = await self.store.full_result(event) or event.result
-                    status, already = await queue.complete(event.eval_id, output, headers)
+                if event.truncated:  # the whole output, kept aside, a few at a time
+                    async with self._full_results:
+                        output = await self.store.full_result(event) or event.result
+                        status, already = await queue.complete(event.eval_id, output, headers)
+                else:
+                    status, already = await queue.complete(event.eval_id, event.result, headers)
                 return ev.TaskReported(
                     eval_id=event.eval_id, outcome="completed", http_status=status,
                     already=already, trace_id=trace_id,
