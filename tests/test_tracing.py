@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -731,6 +732,52 @@ async def test_a_task_handed_out_again_gets_a_second_trace_of_its_own(
         )
         assert "queue_worker.outcome" not in first.attributes
         assert second.attributes["queue_worker.outcome"] == "completed"
+    await redis.aclose()
+
+
+def _skipped_a_repeat(projector: SpanProjector) -> bool:
+    return projector.repeats_skipped >= 1
+
+
+async def test_an_outcome_reported_twice_ends_one_trace(redis_url: str, prefix: str) -> None:
+    """Two replicas' reporters both reported the outcome (a re-delivery; the queue answered
+    "already" the second time): two ``task.reported``, one handout, one trace."""
+    redis = aioredis.Redis.from_url(redis_url)
+    store = EventStore(redis, Keys(prefix), "w")
+    exported: list[list[Any]] = []
+
+    async def export(spans: list[Any]) -> None:
+        exported.append(spans)
+
+    await redis.xgroup_create(store.keys.events, "tracing", id="0", mkstream=True)
+    task = ev.Task(eval_id="twice-1", code="x", trace_id=GIVEN_TRACE)
+    await store.append(
+        ev.TaskPulled(eval_id="twice-1", pull_id="p", task=task, code_bytes=1,
+                      trace_id=GIVEN_TRACE),
+        ev.TaskDispatched(eval_id="twice-1", executor="x", attempt=1, timeout_s=1.0,
+                          trace_id=GIVEN_TRACE),
+        ev.TaskCompleted(eval_id="twice-1", executor="x", attempt=1, result={},
+                         duration_ms=1.0, trace_id=GIVEN_TRACE),
+        ev.TaskReported(eval_id="twice-1", outcome="completed", http_status=200,
+                        trace_id=GIVEN_TRACE),
+        ev.TaskReported(eval_id="twice-1", outcome="completed", http_status=200,
+                        already=True, trace_id=GIVEN_TRACE),
+    )  # fmt: skip
+    # Both endings in one batch, or the second after the first's mark.
+    for batch in (100, 1):
+        await redis.delete(store.keys.traced("twice-1"))
+        await redis.xgroup_setid(store.keys.events, "tracing", "0")
+        exported.clear()
+        projector = SpanProjector(store, "tracing", f"c{batch}", export, batch=batch)
+        runner = asyncio.create_task(projector.run())
+        try:
+            await eventually(partial(_skipped_a_repeat, projector), timeout_s=10)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        spans = [s for one in exported for s in one]
+        assert [s.name for s in spans].count("evaluation") == 1, spans
+        assert {s.name for s in spans} >= {"evaluation", "dispatch", "report"}
     await redis.aclose()
 
 

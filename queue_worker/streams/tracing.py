@@ -44,6 +44,8 @@ EXPORT_TIMEOUT_S = 10.0
 LINGER_MS = 200.0
 # The only entry types that can end a task (``spans.ends_task``): the others need no work.
 _ENDING_TYPES = frozenset({"task.reported", "task.recovered"})
+# What starts a trace after an earlier one ended: the task handed out (or re-recorded) anew.
+HANDOUT_TYPES = frozenset({"task.pulled", "task.restored"})
 
 Export = Callable[[list[SpanData]], Awaitable[None]]  # raises when the spans did not go
 
@@ -110,7 +112,8 @@ class SpanProjector(GroupProjector):
                 pipe.get(keys.traced(eval_id))
                 pipe.zrange(keys.task(eval_id), 0, -1)
             found = await pipe.execute()
-        wanted: list[tuple[str, Step, list[str]]] = []  # per trace: its entries' ids
+        # Per trace: its entries' ids, and whether it follows an earlier ending.
+        wanted: list[tuple[str, Step, list[str], bool]] = []
         for i, eval_id in enumerate(tasks):
             mark, indexed = found[2 * i], found[2 * i + 1]
             since = id_key(mark.decode()) if mark is not None else None
@@ -127,16 +130,16 @@ class SpanProjector(GroupProjector):
                 ]
                 if len(mine) > self.steps_max:  # the first and the latest
                     mine = [mine[0], *mine[len(mine) - self.steps_max + 1 :]]
-                wanted.append((eval_id, ending, mine))
+                wanted.append((eval_id, ending, mine, since is not None))
                 since = upto
         if not wanted:
             return
         read = {
-            e.id: e for e in await self.store.read_ids([x for _, _, ids in wanted for x in ids])
+            e.id: e for e in await self.store.read_ids([x for _, _, ids, _ in wanted for x in ids])
         }
         spans: list[SpanData] = []
         traces = 0
-        for eval_id, ending, ids in wanted:
+        for eval_id, ending, ids, after in wanted:
             steps = [ending]  # in the trace even when the index lacks it
             entries = [read[x] for x in ids if x in read]  # trimmed away: missing
             steps += [
@@ -144,6 +147,11 @@ class SpanProjector(GroupProjector):
                 for entry in entries
                 if entry.event.eval_id_or_empty == eval_id and (step := summarize(entry))
             ]
+            if after and not any(step.type in HANDOUT_TYPES for step in steps):
+                # The same outcome reported again (a reporter's re-delivery: the queue
+                # answered "already"): no new handout, so no new trace.
+                self.repeats_skipped += 1
+                continue
             built = build(eval_id, steps)
             if built and built[0].sampled:
                 spans += built
@@ -156,7 +164,7 @@ class SpanProjector(GroupProjector):
                 raise ExportFailed(f"{len(spans)} spans not exported: {exc!r}"[:300]) from exc
             self.spans_exported += len(spans)
             self.traces_exported += traces
-        last = {eval_id: ending.id for eval_id, ending, _ in wanted}  # in id order per task
+        last = {eval_id: ending.id for eval_id, ending, _, _ in wanted}  # in id order per task
         async with redis.pipeline(transaction=False) as pipe:
             for eval_id, ending_id in last.items():
                 pipe.set(keys.traced(eval_id), ending_id, ex=self.mark_ttl_s)
